@@ -1,0 +1,1 @@
+"""Attribution backends: CLIP (open_clip) and LLaVA-family LVLMs (transformers)."""

@@ -1,0 +1,68 @@
+"""Every exception the package raises, in one place.
+
+All of them derive from :class:`ApiPromptingError`. Problems with what the caller passed in also
+derive from :class:`ValueError`, so ``except ValueError`` keeps working for callers that do not
+know this package's classes. Each message names the problem and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class ApiPromptingError(Exception):
+    """Base class of every error raised by ``api_tool`` and ``agents``."""
+
+
+class ImageLoadError(ApiPromptingError, ValueError):
+    """An image reference could not be turned into a usable RGB image."""
+
+
+class ImageNotFoundError(ImageLoadError):
+    """The image path does not exist or is not a file."""
+
+
+class NotAnImageError(ImageLoadError):
+    """The bytes, file or string are not an image format Pillow can decode."""
+
+
+class TruncatedImageError(ImageLoadError):
+    """The image file is cut short or corrupt and cannot be decoded completely."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """The image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
+class EmptyImageError(ImageLoadError):
+    """The image has zero width or zero height."""
+
+
+class RemoteImageNotAllowedError(ImageLoadError):
+    """An http(s) URL was given but remote loading was not enabled."""
+
+
+class InvalidQueryError(ApiPromptingError, ValueError):
+    """The text query is empty, blank or not a string."""
+
+
+class InvalidParameterError(ApiPromptingError, ValueError):
+    """A numeric or named option is outside its allowed values (kernel size, style, combine mode...)."""
+
+
+class UnknownModelError(ApiPromptingError, ValueError):
+    """The model name is not known to open_clip / transformers nor an existing local path."""
+
+
+class UnsupportedModelError(ApiPromptingError, ValueError):
+    """The model exists but its architecture cannot be attributed by this backend."""
+
+
+class LayerOutOfRangeError(ApiPromptingError, IndexError):
+    """The requested transformer block index does not exist in the model."""
+
+
+class WeightsUnavailableError(ApiPromptingError, RuntimeError):
+    """Pretrained weights are neither cached locally nor downloadable (offline machine)."""
+
+
+class ImageTokenError(ApiPromptingError, ValueError):
+    """The LVLM prompt holds no image tokens, or a number that does not form the vision grid."""
