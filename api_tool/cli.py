@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="demo",
-        help="'demo' (offline, default), an open_clip name (ViT-L-14-336, ViT-B-32) or, with "
+        help="'demo' (offline, default), an open_clip name (ViT-L-14-336, ViT-B-32), local-dir:PATH or, with "
         "--backend llava, a transformers id or local directory",
     )
     parser.add_argument(
@@ -72,6 +72,8 @@ def _run(args: argparse.Namespace) -> int:
         spec = f"llava:{args.model}"
     else:
         spec = "demo" if args.model == "demo" else f"clip:{args.model}@{args.pretrained or 'openai'}"
+        if args.model.startswith("local-dir:"):
+            spec = args.model
         if args.combine is not None:
             options["combine"] = args.combine
     start = time.perf_counter()

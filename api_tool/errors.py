@@ -66,3 +66,7 @@ class WeightsUnavailableError(ApiPromptingError, RuntimeError):
 
 class ImageTokenError(ApiPromptingError, ValueError):
     """The LVLM prompt holds no image tokens, or a number that does not form the vision grid."""
+
+
+class FocusNotFoundError(ApiPromptingError, ValueError):
+    """The ``focus`` substring does not occur in the answer whose attention is averaged."""

@@ -3,7 +3,7 @@
 Styles:
 
 * ``gray`` (the paper): ``I * M + (1 - M) * g`` per pixel; unattended regions fade to gray level ``g``.
-* ``heatmap``: the mask colour-mapped (turbo) and alpha-blended over the image.
+* ``heatmap``: the mask colour-mapped (jet) and alpha-blended over the image.
 * ``crop``: the tight box around the attended region (``mask >= threshold``) plus a margin, as
   ViCrop does; the crop keeps the original pixels.
 * ``contour``: the outline of the attended region drawn over the unchanged image.
@@ -29,15 +29,6 @@ from api_tool.errors import InvalidParameterError
 
 Style = Literal["gray", "heatmap", "crop", "contour"]
 STYLES: tuple[str, ...] = ("gray", "heatmap", "crop", "contour")
-
-# Coefficients of the degree-5 polynomial fit of Google's Turbo colormap (Mikhailov, 2019).
-_TURBO = np.array(
-    [
-        [0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
-        [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
-        [0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973],
-    ]
-)
 
 
 def render(
@@ -76,11 +67,11 @@ def blend_gray(image: Image.Image, mask: NDArray[np.floating], gray_level: int =
     return Image.fromarray(np.rint(blended).astype(np.uint8), mode="RGB")
 
 
-def turbo_colors(values: NDArray[np.floating]) -> NDArray[np.uint8]:
-    """Turbo colormap of values in [0, 1]: ``(..., 3)`` uint8."""
-    x = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
-    powers = np.stack([x**k for k in range(6)], axis=-1)
-    rgb = np.clip(powers @ _TURBO.T, 0.0, 1.0)
+def jet_colors(values: NDArray[np.floating]) -> NDArray[np.uint8]:
+    """The jet colormap (blue -> cyan -> yellow -> red) of values in [0, 1]: ``(..., 3)`` uint8."""
+    x = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)[..., None]
+    centres = np.array([3.0, 2.0, 1.0])
+    rgb = np.clip(1.5 - np.abs(4.0 * x - centres), 0.0, 1.0)
     return np.rint(rgb * 255.0).astype(np.uint8)
 
 
@@ -89,7 +80,7 @@ def overlay_heatmap(image: Image.Image, mask: NDArray[np.floating], alpha: float
     if not 0.0 <= alpha <= 1.0:
         raise InvalidParameterError(f"alpha must be in [0, 1], got {alpha}")
     pixels = np.asarray(image, dtype=np.float64)
-    heat = turbo_colors(mask).astype(np.float64)
+    heat = jet_colors(mask).astype(np.float64)
     return Image.fromarray(np.rint((1.0 - alpha) * pixels + alpha * heat).astype(np.uint8), mode="RGB")
 
 

@@ -56,6 +56,7 @@ Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HUB_HOST = "huggingface.co"
+LOCAL_DIR_PREFIX = "local-dir:"
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -181,8 +182,10 @@ class ClipAttributor:
     """API-CLIP attributor over any open_clip ViT.
 
     Args:
-        model_name: an open_clip model name ("ViT-L-14-336", "ViT-B-32", ...) or ``"demo"`` for the
-            small model shipped with the package (works offline).
+        model_name: an open_clip model name ("ViT-L-14-336", "ViT-B-32", ...), a local open_clip
+            model directory (``"local-dir:PATH"`` or a plain directory path holding
+            ``open_clip_config.json`` and weights), or ``"demo"`` for the small model shipped with
+            the package (works offline).
         pretrained: an open_clip pretrained tag ("openai", ...), a local checkpoint path, or ``None``
             for random weights (tests). Ignored for ``"demo"``.
         layer: block index into the visual transformer; negative counts from the end (-2, the
@@ -440,6 +443,15 @@ def load_clip(model_name: str, pretrained: str | None) -> tuple[torch.nn.Module,
         return model, tokenizer, "demo"
     import open_clip
 
+    if Path(model_name).expanduser().is_dir():
+        model_name = LOCAL_DIR_PREFIX + str(Path(model_name).expanduser())
+    if model_name.startswith(LOCAL_DIR_PREFIX):
+        directory = Path(model_name[len(LOCAL_DIR_PREFIX) :]).expanduser()
+        if not (directory / "open_clip_config.json").is_file():
+            raise UnknownModelError(
+                f"{str(directory)!r} is not an open_clip model directory (no open_clip_config.json)"
+            )
+        return open_clip.create_model(model_name), open_clip.get_tokenizer(model_name), None
     if model_name not in open_clip.list_models():
         import difflib
 

@@ -5,6 +5,7 @@ Specs:
 * ``None`` or ``"demo"``: the small CLIP shipped with the package (offline);
 * ``"clip:<open_clip name>[@<pretrained tag or checkpoint path>]"``, e.g. ``"clip:ViT-L-14-336@openai"``;
   a bare open_clip name (``"ViT-B-32"``) means the same with ``@openai``;
+* ``"local-dir:<path>"``: a local open_clip model directory (``open_clip_config.json`` + weights);
 * ``"llava:<hub id | local dir | demo>"``, e.g. ``"llava:llava-hf/llava-1.5-7b-hf"``.
 
 Example:
@@ -48,6 +49,8 @@ class AttributorSpec:
             if model == "demo":
                 return cls("clip", "demo")
             return cls("clip", model, pretrained or DEFAULT_CLIP_PRETRAINED)
+        if text.startswith("local-dir:"):
+            return cls("clip", text)
         if "llava" in text.lower():
             return cls("llava", text)
         model, _, pretrained = text.partition("@")

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-weight CLIP models (no network, no pretrained weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from api_tool.backends.clip import ClipAttributor
+
+
+def build_tiny_clip(seed: int = 0, image_size: int = 64, patch_size: int = 16, layers: int = 3) -> open_clip.CLIP:
+    """A random-weight open_clip CLIP small enough for CPU tests (4x4 grid at 64 px by default)."""
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=open_clip.CLIPVisionCfg(
+            layers=layers, width=48, head_width=16, patch_size=patch_size, image_size=image_size
+        ),
+        text_cfg=open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer() -> open_clip.tokenizer.SimpleTokenizer:
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+@pytest.fixture
+def tiny_clip_attributor(clip_tokenizer: open_clip.tokenizer.SimpleTokenizer) -> ClipAttributor:
+    return ClipAttributor("tiny", model=build_tiny_clip(), tokenizer=clip_tokenizer, device="cpu", layer=-2)
+
+
+@pytest.fixture
+def noise_image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8))

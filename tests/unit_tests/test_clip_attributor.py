@@ -1,0 +1,247 @@
+"""API-CLIP maths checked exactly against slow, literal implementations of the paper's formulas."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from api_tool.backends.clip import (
+    ClipAttributor,
+    cls_contributions,
+    linearized_layer_norm,
+    resolve_layer,
+)
+from api_tool.backends.registry import AttributorSpec, get_attributor
+from api_tool.errors import (
+    InvalidQueryError,
+    LayerOutOfRangeError,
+    UnknownModelError,
+    UnsupportedModelError,
+    WeightsUnavailableError,
+)
+from api_tool.maps import combine_maps
+from tests.conftest import build_tiny_clip
+
+
+@torch.no_grad()
+def literal_psi(attributor: ClipAttributor, image: Image.Image, query: str) -> tuple[np.ndarray, np.ndarray]:
+    """Psi_cls and Psi_comp written out token by token and head by head, in float64."""
+    model = copy.deepcopy(attributor.model).double()
+    visual = model.visual
+    pixels, _ = attributor.preprocess(image)
+    with torch.no_grad():
+        x = visual._embeds(pixels[None].double())
+        block_input = block_output = None
+        for index, block in enumerate(visual.transformer.resblocks):
+            if index == attributor.layer:
+                block_input = x.clone()
+            x = block(x)
+            if index == attributor.layer:
+                block_output = x.clone()
+        final_cls = x[0, 0]
+        ln_post = visual.ln_post
+        embedding = ln_post(final_cls) @ visual.proj
+        text = model.encode_text(attributor.tokenizer([query]))[0]
+    text = text / text.norm()
+    mu = final_cls.mean()
+    sigma = torch.sqrt(((final_cls - mu) ** 2).mean() + ln_post.eps)
+    num_blocks = len(visual.transformer.resblocks)
+    tokens = x.shape[1]
+    block = visual.transformer.resblocks[attributor.layer]
+    heads = block.attn.num_heads
+    width = block_input.shape[-1]
+    head_dim = width // heads
+    with torch.no_grad():
+        x_ln = block.ln_1(block_input)[0]
+    w_in, b_in = block.attn.in_proj_weight, block.attn.in_proj_bias
+    w_out, b_out = block.attn.out_proj.weight, block.attn.out_proj.bias
+
+    def linear_ln(vector: torch.Tensor, share: float) -> torch.Tensor:
+        return (vector - mu / share) * ln_post.weight / sigma + ln_post.bias / share
+
+    cls_scores, comp_scores = [], []
+    for m in range(1, tokens):
+        contribution = b_out / tokens
+        for h in range(heads):
+            rows = slice(h * head_dim, (h + 1) * head_dim)
+            q = x_ln[0] @ w_in[:width][rows].T + b_in[:width][rows]
+            keys = [x_ln[j] @ w_in[width : 2 * width][rows].T + b_in[width : 2 * width][rows] for j in range(tokens)]
+            logits = torch.stack([q @ k / head_dim**0.5 for k in keys])
+            weight = torch.softmax(logits, dim=0)[m]
+            value = x_ln[m] @ w_in[2 * width :][rows].T + b_in[2 * width :][rows]
+            contribution = contribution + weight * (value @ w_out[:, rows].T)
+        cls_vec = linear_ln(contribution, (2 * num_blocks - 1) * tokens) @ visual.proj
+        comp_vec = linear_ln(block_output[0, m], 2 * num_blocks - 1) @ visual.proj
+        cls_scores.append(float(cls_vec @ text / embedding.norm()))
+        comp_scores.append(float(comp_vec @ text / embedding.norm()))
+    rows_, cols_ = visual.grid_size
+    return np.array(cls_scores).reshape(rows_, cols_), np.array(comp_scores).reshape(rows_, cols_)
+
+
+def test_contributions_sum_to_attention_output() -> None:
+    torch.manual_seed(1)
+    attn = torch.nn.MultiheadAttention(24, 3, batch_first=True).double()
+    torch.nn.init.normal_(attn.in_proj_bias)
+    torch.nn.init.normal_(attn.out_proj.bias)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    parts = cls_contributions(
+        x, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias, attn.num_heads
+    )
+    expected = attn(x, x, x, need_weights=False)[0][:, 0]
+    torch.testing.assert_close(parts.sum(dim=1), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_linearized_layer_norm_parts_sum_to_layer_norm() -> None:
+    torch.manual_seed(2)
+    ln = torch.nn.LayerNorm(16).double()
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+    parts = torch.randn(5, 16, dtype=torch.float64)
+    total = parts.sum(dim=0)
+    mean = total.mean()
+    std = torch.sqrt(total.var(unbiased=False) + ln.eps)
+    linear = linearized_layer_norm(parts, mean, std, ln.weight, ln.bias, share=5)
+    torch.testing.assert_close(linear.sum(dim=0), ln(total), rtol=1e-12, atol=1e-12)
+
+
+def test_fast_maps_equal_literal_formulas(tiny_clip_attributor: ClipAttributor, noise_image: Image.Image) -> None:
+    amap = tiny_clip_attributor.attribute(noise_image, "where is the red circle?")
+    cls_literal, comp_literal = literal_psi(tiny_clip_attributor, noise_image, "where is the red circle?")
+    np.testing.assert_allclose(amap.cls, cls_literal, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(amap.comp, comp_literal, rtol=1e-4, atol=1e-6)
+    expected_mask = combine_maps(cls_literal, comp_literal, combine="paper", enhance_coe=10.0, kernel_size=3)
+    np.testing.assert_allclose(amap.mask, expected_mask, atol=1e-4)
+
+
+def test_layer_choice_changes_the_map(clip_tokenizer, noise_image: Image.Image) -> None:
+    model = build_tiny_clip()
+    last = ClipAttributor("tiny", model=model, tokenizer=clip_tokenizer, device="cpu", layer=-1)
+    first = ClipAttributor("tiny", model=model, tokenizer=clip_tokenizer, device="cpu", layer=0)
+    assert last.layer == 2 and first.layer == 0
+    assert not np.allclose(last.attribute(noise_image, "a dog").cls, first.attribute(noise_image, "a dog").cls)
+
+
+def test_batch_equals_loop(tiny_clip_attributor: ClipAttributor) -> None:
+    rng = np.random.default_rng(5)
+    images = [
+        Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8))
+        for shape in [(64, 64, 3), (40, 90, 3), (100, 30, 3)]
+    ]
+    queries = ["a red circle", "the blue square on the left", "what colour is the star?"]
+    batched = tiny_clip_attributor.attribute_batch(images, queries)
+    tiny_clip_attributor._cache.clear()
+    looped = [tiny_clip_attributor.attribute(image, query) for image, query in zip(images, queries)]
+    for got, want in zip(batched, looped):
+        np.testing.assert_allclose(got.cls, want.cls, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.comp, want.comp, rtol=1e-5, atol=1e-6)
+        assert got.grid_box == want.grid_box and got.image_size == want.image_size
+
+
+def test_many_queries_cost_one_image_pass(tiny_clip_attributor: ClipAttributor, noise_image: Image.Image) -> None:
+    calls = []
+    handle = tiny_clip_attributor.visual.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        queries = [f"question number {i}" for i in range(6)]
+        many = tiny_clip_attributor.attribute_many(noise_image, queries)
+        again = tiny_clip_attributor.attribute(noise_image.copy(), queries[3])
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    np.testing.assert_allclose(many[3].cls, again.cls, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(many[0].cls, many[1].cls)
+
+
+def test_maps_are_linear_in_the_text_embedding(tiny_clip_attributor: ClipAttributor, noise_image) -> None:
+    features = tiny_clip_attributor.image_features(noise_image)
+    texts = tiny_clip_attributor.encode_queries(["a cat", "a dog"])
+    mixed = 0.3 * texts[0] + 0.7 * texts[1]
+    combined = features.cls_tokens @ mixed
+    separate = 0.3 * (features.cls_tokens @ texts[0]) + 0.7 * (features.cls_tokens @ texts[1])
+    torch.testing.assert_close(combined, separate, rtol=1e-5, atol=1e-6)
+
+
+def test_letterbox_keeps_pixels_on_their_grid_cells(clip_tokenizer) -> None:
+    attributor = ClipAttributor("tiny", model=build_tiny_clip(), tokenizer=clip_tokenizer, device="cpu")
+    image = Image.new("RGB", (160, 80), (0, 0, 0))
+    image.paste((255, 255, 255), (120, 60, 140, 80))  # bottom right
+    pixels, letterbox = attributor.preprocess(image)
+    bright = (pixels.mean(dim=0) > 1.0).nonzero()
+    rows = {int(y) // 16 for y, _ in bright}
+    cols = {int(x) // 16 for _, x in bright}
+    gx0, gy0, gx1, gy1 = letterbox.grid_box((4, 4))
+    expected_col = int(gx0 + 130 / 160 * (gx1 - gx0))
+    expected_row = int(gy0 + 70 / 80 * (gy1 - gy0))
+    assert rows == {expected_row} and cols == {expected_col}
+
+
+def test_bad_inputs_give_clear_errors(tiny_clip_attributor: ClipAttributor, noise_image, clip_tokenizer) -> None:
+    with pytest.raises(InvalidQueryError, match="empty"):
+        tiny_clip_attributor.attribute(noise_image, "   ")
+    with pytest.raises(LayerOutOfRangeError, match=r"layer 7 is out of range .* 3 blocks"):
+        ClipAttributor("tiny", model=build_tiny_clip(), tokenizer=clip_tokenizer, device="cpu", layer=7)
+    with pytest.raises(LayerOutOfRangeError):
+        resolve_layer(-4, 3)
+    with pytest.raises(UnknownModelError, match="ViT-B-32"):
+        ClipAttributor("ViT-B-33", pretrained=None)
+    with pytest.raises(UnknownModelError, match="known tags"):
+        ClipAttributor("ViT-B-32", pretrained="no-such-tag")
+    with pytest.raises(UnsupportedModelError, match="tokenizer"):
+        ClipAttributor("tiny", model=build_tiny_clip())
+
+
+def test_open_clip_model_by_name_with_random_weights() -> None:
+    attributor = ClipAttributor("ViT-B-32", pretrained=None, device="cpu", layer=-2)
+    assert attributor.layer == 10 and attributor.side == 224
+    amap = attributor.attribute(Image.new("RGB", (30, 20), (10, 200, 30)), "a green field")
+    assert amap.mask.shape == (7, 7)
+
+
+def test_missing_weights_fail_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from api_tool.backends import clip as clip_module
+
+    monkeypatch.setattr(clip_module, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(clip_module, "_cached_checkpoint", lambda cfg: None)
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="not in the local cache") as info:
+        ClipAttributor("ViT-B-32", pretrained="openai", device="cpu")
+    assert time.perf_counter() - start < 10
+    assert "pretrained=/path/to/checkpoint" in str(info.value) and "demo" in str(info.value)
+
+
+def test_local_checkpoint_path_loads_those_weights(tmp_path) -> None:
+    import open_clip
+
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    path = tmp_path / "vit.pt"
+    torch.save(model.state_dict(), path)
+    attributor = ClipAttributor("ViT-B-32", pretrained=str(path), device="cpu")
+    torch.testing.assert_close(attributor.visual.proj, model.visual.proj)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (None, AttributorSpec("clip", "demo")),
+        ("demo", AttributorSpec("clip", "demo")),
+        ("clip:ViT-L-14-336", AttributorSpec("clip", "ViT-L-14-336", "openai")),
+        ("clip:ViT-B-32@laion2b_s34b_b79k", AttributorSpec("clip", "ViT-B-32", "laion2b_s34b_b79k")),
+        ("ViT-B-16", AttributorSpec("clip", "ViT-B-16", "openai")),
+        ("llava:llava-hf/llava-1.5-7b-hf", AttributorSpec("llava", "llava-hf/llava-1.5-7b-hf")),
+        ("llava-hf/llava-1.5-13b-hf", AttributorSpec("llava", "llava-hf/llava-1.5-13b-hf")),
+        ("local-dir:/models/x", AttributorSpec("clip", "local-dir:/models/x")),
+    ],
+)
+def test_registry_specs(spec: str | None, expected: AttributorSpec) -> None:
+    assert AttributorSpec.parse(spec) == expected
+
+
+def test_registry_shares_instances_and_rejects_unknown(tiny_clip_attributor: ClipAttributor) -> None:
+    assert get_attributor(tiny_clip_attributor) is tiny_clip_attributor
+    with pytest.raises(UnknownModelError, match="unknown attributor"):
+        get_attributor("resnet-9000")
