@@ -241,6 +241,7 @@ class ClipAttributor:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ClipImageFeatures] = OrderedDict()
         self._lock = threading.Lock()
+        self._forward_lock = threading.Lock()
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -308,7 +309,7 @@ class ClipAttributor:
         weight_dtype = self.visual.conv1.weight.dtype
         pixels = torch.stack([tensor for tensor, _ in prepared]).to(self.device, weight_dtype)
         block = self.blocks[self.layer]
-        with _capture(self.visual, block) as captured:
+        with self._forward_lock, _capture(self.visual, block) as captured:
             embedding = self.model.encode_image(pixels, normalize=False)
         assert captured.block_input is not None and captured.block_output is not None
         assert captured.final_cls is not None

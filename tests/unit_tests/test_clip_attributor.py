@@ -245,3 +245,16 @@ def test_registry_shares_instances_and_rejects_unknown(tiny_clip_attributor: Cli
     assert get_attributor(tiny_clip_attributor) is tiny_clip_attributor
     with pytest.raises(UnknownModelError, match="unknown attributor"):
         get_attributor("resnet-9000")
+
+
+def test_concurrent_calls_do_not_mix_captures(tiny_clip_attributor: ClipAttributor) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(9)
+    images = [Image.fromarray(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)) for _ in range(8)]
+    expected = [tiny_clip_attributor.attribute(image, "a cat").cls for image in images]
+    tiny_clip_attributor._cache.clear()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda image: tiny_clip_attributor.attribute(image, "a cat").cls, images))
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
