@@ -6,6 +6,8 @@ Example:
     >>> result.image.save("prompted.png")  # doctest: +SKIP
 """
 
+from typing import TYPE_CHECKING, Any
+
 from api_tool.backends.base import Attributor
 from api_tool.backends.clip import ClipAttributor
 from api_tool.backends.registry import get_attributor
@@ -14,7 +16,11 @@ from api_tool.maps import AttributionMap
 from api_tool.prompt import PromptedImage, attention_prompt
 from api_tool.render import render
 
+if TYPE_CHECKING:
+    from api_tool.tool import AttentionPromptTool
+
 __all__ = [
+    "AttentionPromptTool",
     "AttributionMap",
     "Attributor",
     "ClipAttributor",
@@ -25,3 +31,12 @@ __all__ = [
     "load_image",
     "render",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the LangChain tool lazily: ``import api_tool`` stays free of LangChain's import cost."""
+    if name == "AttentionPromptTool":
+        from api_tool.tool import AttentionPromptTool
+
+        return AttentionPromptTool
+    raise AttributeError(f"module 'api_tool' has no attribute {name!r}")

@@ -1,0 +1,45 @@
+"""LangChain / langgraph wiring for attention prompting: a local VLM chat model, an image middleware,
+the self-reflection loop and an agent preset. Imports ``api_tool``; ``api_tool`` never imports this.
+
+Example:
+    >>> from agents import ChatTransformersVLM, reflect
+    >>> vlm = ChatTransformersVLM.from_pretrained("demo")  # doctest: +SKIP
+    >>> result = reflect("Is there a red circle?", "scene.png", vlm)  # doctest: +SKIP
+    >>> print(result.first_answer, "->", result.final_answer)  # doctest: +SKIP
+"""
+
+from agents.agent import api_system_prompt, create_api_agent
+from agents.chat_models import ChatTransformersVLM, parse_tool_calls
+from agents.middleware import ImageToolMessageMiddleware, accepts_tool_message_images, hoist_tool_images
+from agents.prompts import AGENT_SYSTEM_PROMPT, STRATEGIES, ReflectionStrategy, get_strategy, parse_final_answer
+from agents.reflection import (
+    ReflectionResult,
+    ReflectionRound,
+    ReflectionState,
+    areflect,
+    build_reflection_graph,
+    default_tool,
+    reflect,
+)
+
+__all__ = [
+    "AGENT_SYSTEM_PROMPT",
+    "STRATEGIES",
+    "ChatTransformersVLM",
+    "ImageToolMessageMiddleware",
+    "ReflectionResult",
+    "ReflectionRound",
+    "ReflectionState",
+    "ReflectionStrategy",
+    "accepts_tool_message_images",
+    "api_system_prompt",
+    "areflect",
+    "build_reflection_graph",
+    "create_api_agent",
+    "default_tool",
+    "get_strategy",
+    "hoist_tool_images",
+    "parse_final_answer",
+    "parse_tool_calls",
+    "reflect",
+]
