@@ -5,6 +5,9 @@ Usage:
                [--pretrained openai|PATH] [--layer -2] [--style gray|heatmap|crop|contour]
                [--combine paper|cls|comp|comp_inverted] [--gray-level 0] [--device cpu|cuda]
 
+    api-prompt eval --synthetic all --target demo --modes plain,api,verify --out eval-out
+               (the evaluation harness, ``agents.eval``; ``api-prompt eval --help``)
+
 Bad input exits with status 2 and a one-line message.
 """
 
@@ -51,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Entry point; returns the exit status. ``api-prompt eval ...`` runs the evaluation harness."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["eval"]:
+        from agents.eval import main as eval_main
+
+        return eval_main(arguments[1:])
+    args = build_parser().parse_args(arguments)
     try:
         return _run(args)
     except (ApiPromptingError, OSError) as exc:
