@@ -17,6 +17,7 @@ from api_tool.prompt import PromptedImage, attention_prompt
 from api_tool.render import render
 
 if TYPE_CHECKING:
+    from api_tool.backends.llava import LlavaAttributor
     from api_tool.tool import AttentionPromptTool
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "AttributionMap",
     "Attributor",
     "ClipAttributor",
+    "LlavaAttributor",
     "PromptedImage",
     "attention_prompt",
     "encode_image",
@@ -34,9 +36,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import the LangChain tool lazily: ``import api_tool`` stays free of LangChain's import cost."""
+    """Import the LangChain tool and the LLaVA backend lazily (LangChain / transformers import cost)."""
     if name == "AttentionPromptTool":
         from api_tool.tool import AttentionPromptTool
 
         return AttentionPromptTool
+    if name == "LlavaAttributor":
+        from api_tool.backends.llava import LlavaAttributor
+
+        return LlavaAttributor
     raise AttributeError(f"module 'api_tool' has no attribute {name!r}")

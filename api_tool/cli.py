@@ -77,6 +77,9 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.backend == "llava":
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
         spec = f"llava:{args.model}"
     else:
         spec = "demo" if args.model == "demo" else f"clip:{args.model}@{args.pretrained or 'openai'}"

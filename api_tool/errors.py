@@ -70,3 +70,18 @@ class ImageTokenError(ApiPromptingError, ValueError):
 
 class FocusNotFoundError(ApiPromptingError, ValueError):
     """The ``focus`` substring does not occur in the answer whose attention is averaged."""
+
+
+class DatasetError(ApiPromptingError, ValueError):
+    """An evaluation dataset is missing, malformed (bad JSON, missing or mistyped fields) or points at
+    images that do not exist; the message names the file and the line."""
+
+
+class EvalOutputError(ApiPromptingError, ValueError):
+    """The evaluation output directory holds results that do not belong to this run (another target or
+    attributor, or earlier results without ``--resume``)."""
+
+
+class EvalRunError(ApiPromptingError, RuntimeError):
+    """The evaluated model (or the attributor) failed on some questions; every answer obtained before the
+    failure is saved, and ``--resume`` continues the run."""

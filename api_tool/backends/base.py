@@ -1,10 +1,13 @@
-"""The contract every attribution backend fulfils."""
+"""The contract every attribution backend fulfils, and the checks all backends share."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+import torch
+
+from api_tool.errors import InvalidQueryError, LayerOutOfRangeError
 from api_tool.images import ImageRef
 from api_tool.maps import AttributionMap
 
@@ -30,3 +33,32 @@ class Attributor(Protocol):
     def attribute_many(self, image: ImageRef, queries: Sequence[str]) -> list[AttributionMap]:
         """One map per query, all on the same image."""
         ...
+
+
+def default_device() -> torch.device:
+    """CUDA if available, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_layer(layer: int, num_blocks: int, what: str = "transformer") -> int:
+    """A non-negative block index into ``num_blocks`` blocks, or ``LayerOutOfRangeError``."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_blocks <= layer < num_blocks:
+        raise LayerOutOfRangeError(
+            f"layer {layer!r} is out of range for a {what} with {num_blocks} blocks; "
+            f"use 0..{num_blocks - 1} or -{num_blocks}..-1"
+        )
+    return layer % num_blocks
+
+
+def check_query(query: object) -> str:
+    """The stripped query, or ``InvalidQueryError`` for a non-string or blank one."""
+    if not isinstance(query, str):
+        raise InvalidQueryError(f"the query must be a string, got {type(query).__name__}")
+    stripped = query.strip()
+    if not stripped:
+        raise InvalidQueryError("the query is empty; ask a question about the image, e.g. 'where is the cat?'")
+    return stripped

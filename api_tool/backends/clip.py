@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from api_tool.backends.base import check_query, default_device, resolve_layer
 from api_tool.errors import (
     InvalidQueryError,
-    LayerOutOfRangeError,
     UnknownModelError,
     UnsupportedModelError,
     WeightsUnavailableError,
@@ -228,7 +228,7 @@ class ClipAttributor:
         self.tokenizer = tokenizer
         self.visual = _checked_visual(self.model, model_name)
         self.blocks = self.visual.transformer.resblocks
-        self.layer = resolve_layer(layer, len(self.blocks))
+        self.layer = resolve_layer(layer, len(self.blocks), "vision transformer")
         self.enhance_coe = enhance_coe
         self.kernel_size = kernel_size
         self.combine: Combine = combine
@@ -394,35 +394,6 @@ class ClipAttributor:
 # ----------------------------------------------------------------------------------------------
 # Loading and checks.
 # ----------------------------------------------------------------------------------------------
-
-
-def default_device() -> torch.device:
-    """CUDA if available, then Apple MPS, then CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_layer(layer: int, num_blocks: int) -> int:
-    """A non-negative block index, or ``LayerOutOfRangeError``."""
-    if not -num_blocks <= layer < num_blocks:
-        raise LayerOutOfRangeError(
-            f"layer {layer} is out of range for a vision transformer with {num_blocks} blocks; "
-            f"use 0..{num_blocks - 1} or -{num_blocks}..-1"
-        )
-    return layer % num_blocks
-
-
-def check_query(query: object) -> str:
-    """The stripped query, or ``InvalidQueryError`` for a non-string or blank one."""
-    if not isinstance(query, str):
-        raise InvalidQueryError(f"the query must be a string, got {type(query).__name__}")
-    stripped = query.strip()
-    if not stripped:
-        raise InvalidQueryError("the query is empty; ask a question about the image, e.g. 'where is the cat?'")
-    return stripped
 
 
 def image_key(image: Image.Image) -> str:
