@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import open_clip
 import pytest
@@ -22,6 +24,14 @@ def build_tiny_clip(seed: int = 0, image_size: int = 64, patch_size: int = 16, l
         text_cfg=open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
     )
     return model.eval()
+
+
+@functools.cache
+def shared_tiny_attributor() -> ClipAttributor:
+    """One tiny CLIP attributor per test session, for tests that build many tools (standard suites)."""
+    return ClipAttributor(
+        "tiny", model=build_tiny_clip(), tokenizer=open_clip.get_tokenizer("ViT-B-32"), device="cpu", layer=-2
+    )
 
 
 @pytest.fixture(scope="session")

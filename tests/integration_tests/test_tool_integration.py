@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
-from functools import cache
 from typing import Any
 
 import numpy as np
-import open_clip
 from langchain_tests.integration_tests import ToolsIntegrationTests
 from PIL import Image
 
-from api_tool.backends.clip import ClipAttributor
 from api_tool.tool import AttentionPromptTool
-from tests.conftest import build_tiny_clip
-
-
-@cache
-def shared_tiny_attributor() -> ClipAttributor:
-    return ClipAttributor(
-        "tiny", model=build_tiny_clip(), tokenizer=open_clip.get_tokenizer("ViT-B-32"), device="cpu", layer=-2
-    )
+from tests.conftest import shared_tiny_attributor
 
 
 def example_png_base64() -> str:

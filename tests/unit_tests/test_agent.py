@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
-from functools import cache
 from typing import Any
 
 import numpy as np
-import open_clip
 from langchain_core.language_models import FakeMessagesListChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
@@ -18,17 +16,9 @@ from pydantic import Field
 from agents.agent import api_system_prompt, create_api_agent
 from agents.middleware import ImageToolMessageMiddleware
 from agents.prompts import AGENT_SYSTEM_PROMPT
-from api_tool.backends.clip import ClipAttributor
 from api_tool.images import encode_image
 from api_tool.tool import AttentionPromptTool
-from tests.conftest import build_tiny_clip
-
-
-@cache
-def shared_tiny_attributor() -> ClipAttributor:
-    return ClipAttributor(
-        "tiny", model=build_tiny_clip(), tokenizer=open_clip.get_tokenizer("ViT-B-32"), device="cpu", layer=-2
-    )
+from tests.conftest import shared_tiny_attributor
 
 
 class RecordingModel(FakeMessagesListChatModel):

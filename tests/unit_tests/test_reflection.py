@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
-from functools import cache
 from typing import Any
 
 import numpy as np
-import open_clip
 import pytest
 from langchain_core.language_models import FakeMessagesListChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
@@ -27,22 +25,14 @@ from agents.reflection import (
     reflect,
     self_attribution_layer,
 )
-from api_tool.backends.clip import ClipAttributor
 from api_tool.errors import UnsupportedModelError
 from api_tool.images import ImageRef, encode_image
 from api_tool.maps import AttributionMap
 from api_tool.tool import AttentionPromptTool
-from tests.conftest import build_tiny_clip
+from tests.conftest import shared_tiny_attributor
 from tests.tiny_models import tiny_llava
 
 QUESTION = "What colour is the circle?"
-
-
-@cache
-def shared_tiny_attributor() -> ClipAttributor:
-    return ClipAttributor(
-        "tiny", model=build_tiny_clip(), tokenizer=open_clip.get_tokenizer("ViT-B-32"), device="cpu", layer=-2
-    )
 
 
 class RecordingTarget(FakeMessagesListChatModel):

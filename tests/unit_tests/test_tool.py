@@ -6,11 +6,9 @@ import asyncio
 import base64
 import io
 import time
-from functools import cache
 from typing import Any
 
 import numpy as np
-import open_clip
 import pytest
 from langchain.agents import create_agent
 from langchain.tools import ToolRuntime
@@ -32,15 +30,7 @@ from api_tool.tool import (
     scores_answers,
     user_image_sources,
 )
-from tests.conftest import build_tiny_clip
-
-
-@cache
-def shared_tiny_attributor() -> ClipAttributor:
-    """One tiny random-weight CLIP attributor for the whole module (the standard tests build tools often)."""
-    return ClipAttributor(
-        "tiny", model=build_tiny_clip(), tokenizer=open_clip.get_tokenizer("ViT-B-32"), device="cpu", layer=-2
-    )
+from tests.conftest import shared_tiny_attributor
 
 
 def noise(seed: int, size: tuple[int, int] = (80, 48)) -> Image.Image:
