@@ -17,9 +17,11 @@ import argparse
 import time
 from pathlib import Path
 
+from transformers.utils import logging as transformers_logging
+
 from agents import ChatTransformersVLM, reflect
 from api_tool import AttentionPromptTool, attention_prompt, get_attributor, load_image, render
-from api_tool.demo.scenes import generate_scene, name_of
+from api_tool.demo.scenes import generate_scene, name_of, with_article
 
 
 def main() -> None:
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--target", default="demo", help="'demo' or a local LLaVA directory")
     parser.add_argument("--strategy", default="verify", help="verify | masked | masked_hint | iterative")
     args = parser.parse_args()
+    transformers_logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.image is not None:
@@ -40,7 +43,7 @@ def main() -> None:
     else:
         scene = generate_scene(args.seed, size=(320, 224), n_objects=3, background="gradient")
         image = scene.image
-        question = args.question or f"is there {name_of(scene.objects[0])} in the image?"
+        question = args.question or f"is there {with_article(name_of(scene.objects[0]))} in the image?"
         print(f"scene {args.seed}: " + ", ".join(f"{name_of(obj)} at {obj.box}" for obj in scene.objects))
     image.save(args.out / "original.png")
     print(f"question: {question}")

@@ -125,6 +125,28 @@ def score_tokens(projected: torch.Tensor, text_embeddings: torch.Tensor) -> torc
     return torch.einsum("bne,be->bn", projected, text_embeddings)
 
 
+def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)`` without the padding positions after the longest query's end token.
+
+    The text tower is causal and pools at the end token (the largest id), so positions after it change
+    nothing; cutting them makes short questions several times cheaper. Other text towers fall back to
+    ``encode_text``.
+    """
+    import open_clip
+
+    if type(model) is not open_clip.CLIP or model.text_pool_type != "argmax" or model.attn_mask is None:
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(pooled)
+    return pooled @ model.text_projection if model.text_projection is not None else pooled
+
+
 # ----------------------------------------------------------------------------------------------
 # The image pass.
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +292,8 @@ class ClipAttributor:
     def image_features_batch(self, images: Sequence[ImageRef]) -> list[ClipImageFeatures]:
         """Image passes for several images, batching those not in the cache."""
         loaded = [load_image(image) for image in images]
+        if self.cache_size == 0:
+            return self._run_images(loaded)
         keys = [image_key(image) for image in loaded]
         with self._lock:
             found = {key: self._cache[key] for key in keys if key in self._cache}
@@ -291,23 +315,31 @@ class ClipAttributor:
         """Normalised text embeddings ``(Q, E)`` (float32) of the raw queries (no prompt template)."""
         cleaned = [check_query(query) for query in queries]
         tokens = self.tokenizer(cleaned).to(self.device)
-        embeddings = self.model.encode_text(tokens).float()
-        return F.normalize(embeddings, dim=-1)
+        return F.normalize(encode_text_trimmed(self.model, tokens).float(), dim=-1)
+
+    def letterbox(self, image: Image.Image) -> tuple[np.ndarray, Letterbox]:
+        """The image letterboxed to the model's square input, ``(S, S, 3)`` uint8, and the geometry."""
+        letterbox = Letterbox.fit(image.size, self.side)
+        return np.asarray(letterbox.apply(image, self.fill), dtype=np.uint8), letterbox
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, S, S, 3)`` uint8 pixels (on any device) to the model's normalised ``(B, 3, S, S)`` input."""
+        mean = torch.tensor(self.mean, device=pixels.device)
+        std = torch.tensor(self.std, device=pixels.device)
+        return ((pixels.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)
 
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, Letterbox]:
-        """Letterbox to the model's square input and normalise: ``(3, S, S)`` tensor and the geometry."""
-        letterbox = Letterbox.fit(image.size, self.side)
-        pixels = np.asarray(letterbox.apply(image, self.fill), dtype=np.float32) / 255.0
-        normalised = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(normalised.transpose(2, 0, 1).copy()), letterbox
+        """Letterbox and normalise one image: ``(3, S, S)`` float tensor and the geometry."""
+        pixels, letterbox = self.letterbox(image)
+        return self.normalize(torch.from_numpy(pixels)[None])[0], letterbox
 
     # -- internals -----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def _run_images(self, images: Sequence[Image.Image]) -> list[ClipImageFeatures]:
-        prepared = [self.preprocess(image) for image in images]
-        weight_dtype = self.visual.conv1.weight.dtype
-        pixels = torch.stack([tensor for tensor, _ in prepared]).to(self.device, weight_dtype)
+        prepared = [self.letterbox(image) for image in images]
+        batch = torch.from_numpy(np.stack([pixels for pixels, _ in prepared])).to(self.device)
+        pixels = self.normalize(batch).to(self.visual.conv1.weight.dtype)
         block = self.blocks[self.layer]
         with self._forward_lock, _capture(self.visual, block) as captured:
             embedding = self.model.encode_image(pixels, normalize=False)

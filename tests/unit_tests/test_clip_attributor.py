@@ -12,6 +12,7 @@ from PIL import Image
 from api_tool.backends.clip import (
     ClipAttributor,
     cls_contributions,
+    encode_text_trimmed,
     linearized_layer_norm,
     resolve_layer,
 )
@@ -258,3 +259,26 @@ def test_concurrent_calls_do_not_mix_captures(tiny_clip_attributor: ClipAttribut
         got = list(pool.map(lambda image: tiny_clip_attributor.attribute(image, "a cat").cls, images))
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_trimmed_text_pass_equals_the_full_one(tiny_clip_attributor: ClipAttributor) -> None:
+    queries = ["a", "where is the small red circle next to the blue square?", "dog"]
+    tokens = tiny_clip_attributor.tokenizer(queries)
+    with torch.no_grad():
+        full = tiny_clip_attributor.model.encode_text(tokens)
+        trimmed = encode_text_trimmed(tiny_clip_attributor.model, tokens)
+    assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]
+    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)
+
+
+def test_without_cache_every_call_runs_the_image(clip_tokenizer, noise_image) -> None:
+    attributor = ClipAttributor("tiny", model=build_tiny_clip(), tokenizer=clip_tokenizer, device="cpu", cache_size=0)
+    calls = []
+    handle = attributor.visual.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        first = attributor.attribute(noise_image, "a cat")
+        second = attributor.attribute(noise_image, "a cat")
+    finally:
+        handle.remove()
+    assert len(calls) == 2 and not attributor._cache
+    np.testing.assert_allclose(first.cls, second.cls)
