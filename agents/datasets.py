@@ -1,0 +1,482 @@
+"""Evaluation datasets: the JSONL format, a converter for POPE's own files, and the synthetic POPE-style
+sets built from the demo scenes.
+
+The JSONL format (UTF-8, one JSON object per line, blank lines ignored):
+
+=============  ========  ===========================================================================
+field          required  meaning
+=============  ========  ===========================================================================
+``image``      yes       a path relative to the JSONL file's folder, an absolute path, or
+                         ``"scene:<seed>"``: the demo scene ``api_tool.demo.scenes.generate_scene(seed)``,
+                         regenerated on demand (so the synthetic sets ship without image files)
+``question``   yes       the question asked to the model
+``answer``     yes       the reference answer (a string; a number is read as its text). ``yes``/``no``
+                         references are scored the POPE way, others by normalised match
+                         (``agents.metrics``)
+``type``       no        question type for per-type accuracy (``existence``, ``colour``...)
+``split``      no        group for POPE's per-split scores (``random``, ``popular``, ``adversarial``...)
+``id``         no        a unique string or number; defaults to ``"<file stem>:<line>"``. Give ids when the
+                         file may be edited between resumed runs: results are matched by id
+=============  ========  ===========================================================================
+
+Other keys are kept in :attr:`EvalItem.extra`. Example line::
+
+    {"id": "random-7000001-0", "image": "scene:7000001", "question": "is there a red circle in the image?",
+     "answer": "yes", "type": "existence", "split": "random"}
+
+POPE's own files (``coco_pope_random.json``...: one object per line with ``question_id``, ``image``,
+``text``, ``label``, images from COCO val2014) convert with :func:`convert_pope` or
+``python -m agents.datasets convert-pope coco_pope_random.json val2014/ -o pope_random.jsonl``.
+
+The synthetic sets (:func:`synthetic_items`) ship as ``api_tool/demo/data/synthetic_pope.jsonl`` (POPE's
+three splits: for each scene one present and one absent object per split; absent objects drawn at random,
+among the most frequent, or recombining present colours and shapes) and ``synthetic_qa.jsonl`` (colour,
+shape, count and relative-position questions). Both are rebuilt exactly from seeds by
+:func:`build_synthetic_pope` / :func:`build_synthetic_qa`; asking for more items than ship extends them
+with further seeds.
+
+Example:
+    >>> items = synthetic_items("adversarial", 4)
+    >>> [(item.answer, item.split) for item in items]
+    [('yes', 'adversarial'), ('no', 'adversarial'), ('yes', 'adversarial'), ('no', 'adversarial')]
+    >>> item_image(items[0]).size == item_image(items[1]).size
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from api_tool.demo.scenes import POPE_SPLITS, generate_scene, scene_questions
+from api_tool.errors import ApiPromptingError, DatasetError
+from api_tool.images import load_image
+
+SCENE_PREFIX = "scene:"
+REQUIRED_FIELDS: tuple[str, ...] = ("image", "question", "answer")
+OPTIONAL_FIELDS: tuple[str, ...] = ("type", "split", "id")
+
+SYNTHETIC_DATA_DIR = Path(__file__).resolve().parent.parent / "api_tool" / "demo" / "data"
+SYNTHETIC_POPE_FILE = SYNTHETIC_DATA_DIR / "synthetic_pope.jsonl"
+SYNTHETIC_QA_FILE = SYNTHETIC_DATA_DIR / "synthetic_qa.jsonl"
+SYNTHETIC_FIRST_SEED = 7_000_000
+"""Seed of the first synthetic scene (far from the seeds the demo models were trained on)."""
+SHIPPED_SCENES = 150
+"""Scenes in the shipped files: 300 POPE questions per split, up to 600 short-answer questions."""
+SYNTHETIC_SETS: tuple[str, ...] = (*POPE_SPLITS, "all", "qa")
+QA_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position")
+
+_POPE_FIELDS: tuple[str, ...] = ("question_id", "image", "text", "label")
+_SCENE_SEED = re.compile(r"^scene:(?P<seed>-?\d+)$")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One question of an evaluation set.
+
+    Attributes:
+        id: unique within the set.
+        image: an absolute path, or ``"scene:<seed>"`` (see the module docstring).
+        question: the question text.
+        answer: the reference answer.
+        type: question type, or ``None``.
+        split: group for POPE's per-split scores, or ``None``.
+        extra: any other fields of the JSONL line.
+    """
+
+    id: str
+    image: str
+    question: str
+    answer: str
+    type: str | None = None
+    split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, base_dir: Path | None = None) -> dict[str, Any]:
+        """The JSONL object; with ``base_dir`` a file path is written relative to it."""
+        image = self.image
+        if base_dir is not None and not image.startswith(SCENE_PREFIX):
+            image = os.path.relpath(image, base_dir)
+        line: dict[str, Any] = {"id": self.id, "image": image, "question": self.question, "answer": self.answer}
+        if self.type is not None:
+            line["type"] = self.type
+        if self.split is not None:
+            line["split"] = self.split
+        return {**line, **self.extra}
+
+
+def scene_seed(image: str) -> int | None:
+    """The seed of a ``"scene:<seed>"`` reference, else ``None``.
+
+    Example:
+        >>> scene_seed("scene:7000001"), scene_seed("photo.jpg")
+        (7000001, None)
+    """
+    match = _SCENE_SEED.match(image)
+    return int(match.group("seed")) if match else None
+
+
+@lru_cache(maxsize=256)
+def _scene_image(seed: int) -> Image.Image:
+    return generate_scene(seed).image
+
+
+def item_image(item: EvalItem) -> Image.Image:
+    """The item's image as an RGB PIL image (a demo scene is regenerated from its seed, and cached).
+
+    Example:
+        >>> item_image(EvalItem("x", "scene:3", "q", "yes")).mode
+        'RGB'
+    """
+    seed = scene_seed(item.image)
+    if seed is not None:
+        return _scene_image(seed).copy()
+    return load_image(item.image)
+
+
+def _text_field(record: dict[str, Any], name: str, where: str, *, numbers: bool, required: bool) -> str | None:
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise DatasetError(
+                f"{where}: missing required field {name!r} (each line needs {', '.join(REQUIRED_FIELDS)})"
+            )
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float) if numbers else str):
+        kind = "a string or number" if numbers else "a string"
+        raise DatasetError(f"{where}: field {name!r} must be {kind}, got {type(value).__name__} {value!r}")
+    text = str(value)
+    if required and not text.strip():
+        raise DatasetError(f"{where}: field {name!r} is empty")
+    return text
+
+
+def _resolve_image(reference: str, base_dir: Path, where: str) -> str:
+    if reference.startswith(SCENE_PREFIX):
+        if scene_seed(reference) is None:
+            raise DatasetError(f"{where}: {reference!r} is not a scene reference; write scene:<integer seed>")
+        return reference
+    path = Path(reference).expanduser()
+    resolved = path if path.is_absolute() else base_dir / path
+    if not resolved.is_file():
+        raise DatasetError(f"{where}: image not found: {resolved}")
+    return str(resolved.resolve())
+
+
+def parse_item(record: object, where: str, base_dir: Path, default_id: str) -> EvalItem:
+    """One JSONL object as an :class:`EvalItem`; ``where`` ("file:line") prefixes every error message."""
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    image = _text_field(record, "image", where, numbers=False, required=True)
+    question = _text_field(record, "question", where, numbers=False, required=True)
+    answer = _text_field(record, "answer", where, numbers=True, required=True)
+    item_id = _text_field(record, "id", where, numbers=True, required=False)
+    assert image is not None and question is not None and answer is not None
+    return EvalItem(
+        id=item_id if item_id is not None else default_id,
+        image=_resolve_image(image, base_dir, where),
+        question=question,
+        answer=answer,
+        type=_text_field(record, "type", where, numbers=False, required=False),
+        split=_text_field(record, "split", where, numbers=False, required=False),
+        extra={key: value for key, value in record.items() if key not in REQUIRED_FIELDS + OPTIONAL_FIELDS},
+    )
+
+
+def load_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> list[EvalItem]:
+    """Read an evaluation JSONL (see the module docstring); ``limit`` keeps the first items.
+
+    Raises ``DatasetError`` naming the file and line for a missing file, invalid JSON, a missing or
+    mistyped field, a duplicate id, or an image that does not exist.
+
+    Example:
+        >>> items = load_jsonl(SYNTHETIC_POPE_FILE, limit=2)
+        >>> items[0].image.startswith("scene:"), items[0].split
+        (True, 'random')
+    """
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise DatasetError(f"dataset file not found: {source}")
+    if not source.is_file():
+        raise DatasetError(f"dataset path is not a file: {source}")
+    if limit is not None and limit < 1:
+        raise DatasetError(f"limit must be a positive number of items, got {limit}")
+    base_dir = source.resolve().parent
+    items: list[EvalItem] = []
+    first_line: dict[str, int] = {}
+    with source.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{source}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            item = parse_item(record, where, base_dir, default_id=f"{source.stem}:{number}")
+            if item.id in first_line:
+                raise DatasetError(f"{where}: duplicate id {item.id!r} (first used on line {first_line[item.id]})")
+            first_line[item.id] = number
+            items.append(item)
+            if limit is not None and len(items) >= limit:
+                break
+    if not items:
+        raise DatasetError(f"dataset file holds no items: {source}")
+    return items
+
+
+def write_jsonl(items: Iterable[EvalItem], path: str | os.PathLike[str]) -> Path:
+    """Write items as JSONL, image paths relative to the file's folder; returns the path.
+
+    Example:
+        >>> write_jsonl(synthetic_items("random", 10), "random.jsonl")  # doctest: +SKIP
+    """
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    base_dir = target.resolve().parent
+    with target.open("w", encoding="utf-8") as handle:
+        for item in items:
+            handle.write(json.dumps(item.to_json(base_dir), ensure_ascii=False) + "\n")
+    return target
+
+
+def pope_split_of(path: Path) -> str | None:
+    """The POPE split a file name names (``coco_pope_adversarial.json`` -> ``"adversarial"``), else ``None``."""
+    found = [split for split in POPE_SPLITS if split in path.stem.lower()]
+    return found[0] if len(found) == 1 else None
+
+
+def convert_pope(
+    pope_file: str | os.PathLike[str],
+    image_dir: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    split: str | None = None,
+) -> list[EvalItem]:
+    """Convert one of POPE's question files into :class:`EvalItem` s (and write them to ``output``).
+
+    POPE's lines hold ``question_id``, ``image`` (a file name in ``image_dir``, e.g. COCO val2014),
+    ``text`` (the question) and ``label`` (``yes``/``no``). The split comes from ``split`` or the file
+    name; ids are ``"<split>-<question_id>"``; type is ``existence``.
+
+    Example:
+        >>> items = convert_pope("coco_pope_random.json", "val2014", "pope_random.jsonl")  # doctest: +SKIP
+        >>> items[0].split, items[0].answer  # doctest: +SKIP
+        ('random', 'yes')
+    """
+    source = Path(pope_file).expanduser()
+    images = Path(image_dir).expanduser()
+    if not source.is_file():
+        raise DatasetError(f"POPE file not found: {source}")
+    if not images.is_dir():
+        raise DatasetError(f"image folder not found: {images}")
+    chosen = split or pope_split_of(source)
+    prefix = chosen or source.stem
+    items: list[EvalItem] = []
+    seen: set[str] = set()
+    with source.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{source}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict) or any(key not in record for key in _POPE_FIELDS):
+                missing = [key for key in _POPE_FIELDS if not isinstance(record, dict) or key not in record]
+                raise DatasetError(
+                    f"{where}: not a POPE line, missing {missing} (POPE lines hold {list(_POPE_FIELDS)})"
+                )
+            label = str(record["label"]).strip().lower()
+            if label not in ("yes", "no"):
+                raise DatasetError(f"{where}: POPE label must be 'yes' or 'no', got {record['label']!r}")
+            item_id = f"{prefix}-{record['question_id']}"
+            if item_id in seen:
+                raise DatasetError(f"{where}: duplicate question_id {record['question_id']!r}")
+            seen.add(item_id)
+            image = images / str(record["image"])
+            if not image.is_file():
+                raise DatasetError(f"{where}: image not found: {image}")
+            items.append(
+                EvalItem(
+                    id=item_id,
+                    image=str(image.resolve()),
+                    question=str(record["text"]),
+                    answer=label,
+                    type="existence",
+                    split=chosen,
+                )
+            )
+    if not items:
+        raise DatasetError(f"POPE file holds no questions: {source}")
+    if output is not None:
+        write_jsonl(items, output)
+    return items
+
+
+def build_synthetic_pope(n_scenes: int, first_seed: int = SYNTHETIC_FIRST_SEED) -> list[EvalItem]:
+    """The synthetic POPE set over scenes ``first_seed .. first_seed + n_scenes - 1``: split by split, for
+    each scene a question about a present object (``yes``) and one about an absent object (``no``) chosen
+    as ``api_tool.demo.scenes.existence_negative`` does for that split.
+
+    Example:
+        >>> [(item.id, item.answer) for item in build_synthetic_pope(1)][:3]
+        [('random-7000000-0', 'yes'), ('random-7000000-1', 'no'), ('popular-7000000-0', 'yes')]
+    """
+    by_split: dict[str, list[EvalItem]] = {split: [] for split in POPE_SPLITS}
+    for seed in range(first_seed, first_seed + n_scenes):
+        objects = generate_scene(seed).objects
+        if not objects:
+            continue
+        counters = dict.fromkeys(POPE_SPLITS, 0)
+        for question in scene_questions(objects, seed=seed, types=("existence",)):
+            split = question.split
+            assert split is not None
+            by_split[split].append(
+                EvalItem(
+                    id=f"{split}-{seed}-{counters[split]}",
+                    image=f"{SCENE_PREFIX}{seed}",
+                    question=question.question,
+                    answer=question.answer,
+                    type=question.type,
+                    split=split,
+                )
+            )
+            counters[split] += 1
+    return [item for split in POPE_SPLITS for item in by_split[split]]
+
+
+def build_synthetic_qa(n_scenes: int, first_seed: int = SYNTHETIC_FIRST_SEED) -> list[EvalItem]:
+    """Short-answer questions (colour, shape, count, relative position) over the same scenes as
+    :func:`build_synthetic_pope`: one of each type per scene where the scene allows an unambiguous one.
+
+    Example:
+        >>> sorted({item.type for item in build_synthetic_qa(6)}) <= sorted(QA_TYPES)
+        True
+    """
+    items = []
+    for seed in range(first_seed, first_seed + n_scenes):
+        objects = generate_scene(seed).objects
+        if not objects:
+            continue
+        for question in scene_questions(objects, seed=seed, types=QA_TYPES):
+            items.append(
+                EvalItem(
+                    id=f"qa-{seed}-{question.type}",
+                    image=f"{SCENE_PREFIX}{seed}",
+                    question=question.question,
+                    answer=question.answer,
+                    type=question.type,
+                )
+            )
+    return items
+
+
+def synthetic_items(name: str, n: int | None = None) -> list[EvalItem]:
+    """A shipped synthetic set: ``random``, ``popular`` or ``adversarial`` (POPE splits), ``all`` (the
+    three splits) or ``qa`` (short answers). ``n`` keeps the first ``n`` items (per split for ``all``);
+    beyond what ships, the set is extended from further seeds exactly as it was built.
+
+    Example:
+        >>> items = synthetic_items("all", 10)
+        >>> len(items), sorted({item.split for item in items})
+        (30, ['adversarial', 'popular', 'random'])
+    """
+    if name not in SYNTHETIC_SETS:
+        raise DatasetError(f"unknown synthetic set {name!r}; choose one of {SYNTHETIC_SETS}")
+    if n is not None and n < 1:
+        raise DatasetError(f"n must be a positive number of items, got {n}")
+    if name == "all":
+        return [item for split in POPE_SPLITS for item in synthetic_items(split, n)]
+    if name == "qa":
+        return _take(load_jsonl(SYNTHETIC_QA_FILE), n, build_synthetic_qa, None)
+    return _take(load_jsonl(SYNTHETIC_POPE_FILE), n, build_synthetic_pope, name)
+
+
+def _take(
+    shipped: list[EvalItem], n: int | None, build: Callable[[int, int], list[EvalItem]], split: str | None
+) -> list[EvalItem]:
+    """The first ``n`` items of ``shipped`` (of ``split``), extended from the scenes after the shipped ones."""
+    chosen = [item for item in shipped if split is None or item.split == split]
+    next_seed = SYNTHETIC_FIRST_SEED + SHIPPED_SCENES
+    while n is not None and len(chosen) < n:
+        scenes = max(1, n - len(chosen))
+        chosen += [item for item in build(scenes, next_seed) if split is None or item.split == split]
+        next_seed += scenes
+    return chosen if n is None else chosen[:n]
+
+
+def write_shipped_sets(n_scenes: int = SHIPPED_SCENES) -> tuple[Path, Path]:
+    """Rebuild the shipped synthetic files from their seeds (what ``build-synthetic`` runs)."""
+    return (
+        write_jsonl(build_synthetic_pope(n_scenes), SYNTHETIC_POPE_FILE),
+        write_jsonl(build_synthetic_qa(n_scenes), SYNTHETIC_QA_FILE),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agents.datasets convert-pope FILE IMAGE_DIR -o OUT.jsonl`` | ``build-synthetic``
+    | ``export-synthetic NAME -o OUT.jsonl [--n N] [--images DIR]``."""
+    parser = argparse.ArgumentParser(prog="python -m agents.datasets", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    pope = commands.add_parser("convert-pope", help="convert one of POPE's question files to the JSONL format")
+    pope.add_argument("pope_file", type=Path)
+    pope.add_argument("image_dir", type=Path, help="the folder holding POPE's images (COCO val2014)")
+    pope.add_argument("-o", "--output", type=Path, required=True)
+    pope.add_argument("--split", default=None, help="split name (default: from the file name)")
+    build = commands.add_parser("build-synthetic", help="rebuild the shipped synthetic files from their seeds")
+    build.add_argument("--scenes", type=int, default=SHIPPED_SCENES)
+    export = commands.add_parser("export-synthetic", help="write a synthetic set with its images as PNG files")
+    export.add_argument("name", choices=SYNTHETIC_SETS)
+    export.add_argument("-o", "--output", type=Path, required=True)
+    export.add_argument("--n", type=int, default=None, help="items (per split for 'all')")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "convert-pope":
+            items = convert_pope(args.pope_file, args.image_dir, args.output, split=args.split)
+            print(f"wrote {len(items)} questions to {args.output}")
+        elif args.command == "build-synthetic":
+            for path in write_shipped_sets(args.scenes):
+                print(f"wrote {path}")
+        else:
+            path = export_synthetic(args.name, args.output, args.n)
+            print(f"wrote {path} and its images")
+    except (ApiPromptingError, OSError) as exc:
+        print(f"agents.datasets: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export_synthetic(name: str, output: str | os.PathLike[str], n: int | None = None) -> Path:
+    """Write a synthetic set as a plain JSONL whose images are PNG files in ``<output stem>_images/``
+    (for tools that do not know ``scene:`` references).
+
+    Example:
+        >>> export_synthetic("random", "random.jsonl", 20)  # doctest: +SKIP
+    """
+    target = Path(output).expanduser()
+    image_dir = target.parent / f"{target.stem}_images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    exported = []
+    for item in synthetic_items(name, n):
+        seed = scene_seed(item.image)
+        path = image_dir / f"scene-{seed}.png"
+        if not path.exists():
+            item_image(item).save(path)
+        exported.append(EvalItem(item.id, str(path.resolve()), item.question, item.answer, item.type, item.split))
+    return write_jsonl(exported, target)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""Scoring of evaluation answers: pure functions over strings, no models, no files.
+
+* POPE (as LLaVA's ``eval_pope.py`` scores it): keep the answer's first sentence, drop commas, split into
+  words; the words ``No``, ``no`` or ``not`` mean "no", anything else means "yes" (an empty answer is a
+  "yes", as there). "yes" is the positive class; :func:`pope_scores` gives accuracy, precision, recall,
+  F1 and the share of "yes" answers. The one deviation from LLaVA's script: words are split on any
+  whitespace, not only on single spaces, so ``"No\\n..."`` reads as "no".
+* Short answers: :func:`normalize_short_answer` (lower case, punctuation and articles removed, number
+  words as digits) and the two matches built on it, :func:`exact_match` and :func:`normalized_match`.
+* One rule for "is this answer right": :func:`is_correct` scores a yes/no reference the POPE way and any
+  other reference by normalised match; :func:`scored_form` is what that rule compares, so two answers
+  "differ" (:func:`change_counts`) only when the score could see the difference.
+
+Undefined ratios (precision with no "yes" answers, recall with no "yes" references, anything on zero
+items) are ``None``, never a made-up 0 or 1.
+
+Example:
+    >>> pope_label("No, there is no dog. But a cat."), pope_label("There is a dog.")
+    ('no', 'yes')
+    >>> scores = pope_scores(["yes", "No.", "yes"], ["yes", "no", "no"])
+    >>> scores.accuracy, scores.precision, scores.recall, scores.yes_ratio
+    (0.6666666666666666, 0.5, 1.0, 0.6666666666666666)
+    >>> normalize_short_answer("Two red circles."), is_correct("The answer is 2", "two")
+    ('2 red circles', False)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from api_tool.errors import InvalidParameterError
+
+YesNo = Literal["yes", "no"]
+
+NEGATIVE_WORDS: frozenset[str] = frozenset({"No", "no", "not"})
+"""The words that make a POPE answer a "no" (LLaVA's rule, case-sensitive: ``NO`` is not among them)."""
+
+ARTICLES: frozenset[str] = frozenset({"a", "an", "the"})
+_NUMBERS_TO_TWENTY = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty"
+)
+NUMBER_WORDS: dict[str, str] = {word: str(value) for value, word in enumerate(_NUMBERS_TO_TWENTY.split(" "))}
+
+_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
+_PUNCTUATION = re.compile(r"[^\w\s.]")
+_STRAY_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")
+
+
+def first_sentence(answer: str) -> str:
+    """The text before the first period (the whole text when there is none), as LLaVA's POPE script.
+
+    Example:
+        >>> first_sentence("Yes. There is no dog."), first_sentence("no")
+        ('Yes', 'no')
+    """
+    return answer.split(".", 1)[0]
+
+
+def pope_label(answer: str) -> YesNo:
+    """``"no"`` when the first sentence holds the word ``No``, ``no`` or ``not`` (commas dropped), else ``"yes"``.
+
+    Example:
+        >>> [pope_label(a) for a in ("Yes, it is.", "no", "There is not.", "Nope", "Yes. No other.", "")]
+        ['yes', 'no', 'no', 'yes', 'yes', 'yes']
+    """
+    words = first_sentence(answer).replace(",", "").split()
+    return "no" if NEGATIVE_WORDS.intersection(words) else "yes"
+
+
+def yes_no_reference(reference: str) -> YesNo | None:
+    """``"yes"`` or ``"no"`` when the reference answer is one of them (any case, surrounding punctuation
+    ignored), else ``None``.
+
+    Example:
+        >>> yes_no_reference(" Yes. "), yes_no_reference("no"), yes_no_reference("red")
+        ('yes', 'no', None)
+    """
+    word = normalize_short_answer(reference)
+    return word if word in ("yes", "no") else None  # type: ignore[return-value]
+
+
+def normalize_short_answer(answer: str) -> str:
+    """Lower case; commas inside numbers and other punctuation removed (a period stays only between
+    digits); the articles a, an, the dropped; number words zero..twenty written as digits; single spaces.
+
+    Example:
+        >>> normalize_short_answer("  The Two RED circles! "), normalize_short_answer("3.5 kg, or 1,000 g.")
+        ('2 red circles', '3.5 kg or 1000 g')
+    """
+    text = _DIGIT_COMMA.sub("", answer.casefold())
+    text = _STRAY_PERIOD.sub(" ", _PUNCTUATION.sub(" ", text))
+    words = [NUMBER_WORDS.get(word, word) for word in text.split() if word not in ARTICLES]
+    return " ".join(words)
+
+
+def exact_match(answer: str, reference: str) -> bool:
+    """The answer is the reference, ignoring case and surrounding whitespace only.
+
+    Example:
+        >>> exact_match(" Red", "red"), exact_match("red.", "red")
+        (True, False)
+    """
+    return answer.strip().casefold() == reference.strip().casefold()
+
+
+def normalized_match(answer: str, reference: str) -> bool:
+    """The answer equals the reference after :func:`normalize_short_answer` on both.
+
+    Example:
+        >>> normalized_match("Two.", "2"), normalized_match("a red circle", "red circle"), normalized_match("3", "2")
+        (True, True, False)
+    """
+    return normalize_short_answer(answer) == normalize_short_answer(reference)
+
+
+def scored_form(answer: str, reference: str) -> str:
+    """What :func:`is_correct` compares: the POPE label for a yes/no reference, else the normalised answer.
+
+    Example:
+        >>> scored_form("No, it is not.", "yes"), scored_form("The Circle", "circle")
+        ('no', 'circle')
+    """
+    if yes_no_reference(reference) is not None:
+        return pope_label(answer)
+    return normalize_short_answer(answer)
+
+
+def is_correct(answer: str, reference: str) -> bool:
+    """A yes/no reference is matched by the answer's POPE label; any other by normalised match.
+
+    Example:
+        >>> is_correct("Yes, there is a red circle.", "yes"), is_correct("Blue.", "blue"), is_correct("", "no")
+        (True, True, False)
+    """
+    expected = yes_no_reference(reference)
+    if expected is not None:
+        return pope_label(answer) == expected
+    return normalized_match(answer, reference)
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+@dataclass(frozen=True)
+class PopeScores:
+    """POPE's numbers on one set of yes/no questions ("yes" is the positive class).
+
+    Attributes:
+        n: number of questions; tp, fp, tn, fn: the confusion counts.
+        accuracy: (tp + tn) / n.
+        precision: tp / (tp + fp); ``None`` when no answer is "yes".
+        recall: tp / (tp + fn); ``None`` when no reference is "yes".
+        f1: 2 tp / (2 tp + fp + fn) (the harmonic mean of precision and recall, 0 when either is 0);
+            ``None`` when neither answers nor references hold a "yes".
+        yes_ratio: share of "yes" answers.
+    """
+
+    n: int
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    accuracy: float | None
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    yes_ratio: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def pope_scores(answers: Sequence[str], references: Sequence[str]) -> PopeScores:
+    """Score free-form ``answers`` against yes/no ``references`` the POPE way.
+
+    Raises ``InvalidParameterError`` when the lengths differ or a reference is not yes/no.
+
+    Example:
+        >>> pope_scores(["Yes", "no", "Yes", "No"], ["yes", "yes", "no", "no"]).f1
+        0.5
+        >>> pope_scores([], []).accuracy is None
+        True
+    """
+    if len(answers) != len(references):
+        raise InvalidParameterError(f"got {len(answers)} answers but {len(references)} references")
+    expected: list[YesNo] = []
+    for index, reference in enumerate(references):
+        label = yes_no_reference(reference)
+        if label is None:
+            raise InvalidParameterError(f"POPE references must be 'yes' or 'no'; reference {index} is {reference!r}")
+        expected.append(label)
+    predicted = [pope_label(answer) for answer in answers]
+    tp = sum(p == "yes" and e == "yes" for p, e in zip(predicted, expected))
+    fp = sum(p == "yes" and e == "no" for p, e in zip(predicted, expected))
+    tn = sum(p == "no" and e == "no" for p, e in zip(predicted, expected))
+    fn = sum(p == "no" and e == "yes" for p, e in zip(predicted, expected))
+    n = len(expected)
+    return PopeScores(
+        n=n,
+        tp=tp,
+        fp=fp,
+        tn=tn,
+        fn=fn,
+        accuracy=_ratio(tp + tn, n),
+        precision=_ratio(tp, tp + fp),
+        recall=_ratio(tp, tp + fn),
+        f1=_ratio(2 * tp, 2 * tp + fp + fn),
+        yes_ratio=_ratio(tp + fp, n),
+    )
+
+
+@dataclass(frozen=True)
+class AnswerScores:
+    """Accuracy of free-form answers on any references.
+
+    Attributes:
+        n: number of answers.
+        correct: how many :func:`is_correct` accepts; accuracy: correct / n.
+        exact: how many :func:`exact_match` accepts; exact_accuracy: exact / n.
+        normalized: how many :func:`normalized_match` accepts; normalized_accuracy: normalized / n.
+    """
+
+    n: int
+    correct: int
+    accuracy: float | None
+    exact: int
+    exact_accuracy: float | None
+    normalized: int
+    normalized_accuracy: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def answer_scores(answers: Sequence[str], references: Sequence[str]) -> AnswerScores:
+    """Correct / exact / normalised accuracy of ``answers`` against ``references``.
+
+    Example:
+        >>> scores = answer_scores(["Red.", "two", "yes, it is"], ["red", "2", "yes"])
+        >>> scores.correct, scores.exact, scores.normalized
+        (3, 0, 2)
+    """
+    if len(answers) != len(references):
+        raise InvalidParameterError(f"got {len(answers)} answers but {len(references)} references")
+    n = len(answers)
+    correct = sum(is_correct(a, r) for a, r in zip(answers, references))
+    exact = sum(exact_match(a, r) for a, r in zip(answers, references))
+    normalized = sum(normalized_match(a, r) for a, r in zip(answers, references))
+    return AnswerScores(
+        n=n,
+        correct=correct,
+        accuracy=_ratio(correct, n),
+        exact=exact,
+        exact_accuracy=_ratio(exact, n),
+        normalized=normalized,
+        normalized_accuracy=_ratio(normalized, n),
+    )
+
+
+@dataclass(frozen=True)
+class ChangeCounts:
+    """How a second answer relates to a first one (reflection, or any mode against the plain answer).
+
+    Attributes:
+        n: number of questions.
+        changed: how many second answers differ from the first in :func:`scored_form`.
+        change_rate: changed / n.
+        right_to_wrong, wrong_to_right: changes that lost / fixed a correct answer.
+        right_to_right, wrong_to_wrong: both answers right / both wrong (a wrong answer may change into
+            another wrong one).
+    """
+
+    n: int
+    changed: int
+    change_rate: float | None
+    right_to_wrong: int
+    wrong_to_right: int
+    right_to_right: int
+    wrong_to_wrong: int
+
+    @property
+    def net_gain(self) -> int:
+        """wrong_to_right - right_to_wrong: how many more questions the second answers get right."""
+        return self.wrong_to_right - self.right_to_wrong
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields (and ``net_gain``) as a JSON-ready dict."""
+        return {**asdict(self), "net_gain": self.net_gain}
+
+
+def change_counts(first: Sequence[str], second: Sequence[str], references: Sequence[str]) -> ChangeCounts:
+    """Compare two answers per question: how often the scored answer changed, and right/wrong transitions.
+
+    Example:
+        >>> counts = change_counts(["yes", "no", "red"], ["No.", "no", "Blue"], ["no", "yes", "red"])
+        >>> counts.changed, counts.wrong_to_right, counts.right_to_wrong, counts.wrong_to_wrong
+        (2, 1, 1, 1)
+    """
+    if not len(first) == len(second) == len(references):
+        raise InvalidParameterError(
+            f"got {len(first)} first answers, {len(second)} second answers and {len(references)} references"
+        )
+    changed = sum(scored_form(a, r) != scored_form(b, r) for a, b, r in zip(first, second, references))
+    before = [is_correct(a, r) for a, r in zip(first, references)]
+    after = [is_correct(b, r) for b, r in zip(second, references)]
+    return ChangeCounts(
+        n=len(references),
+        changed=changed,
+        change_rate=_ratio(changed, len(references)),
+        right_to_wrong=sum(x and not y for x, y in zip(before, after)),
+        wrong_to_right=sum(y and not x for x, y in zip(before, after)),
+        right_to_right=sum(x and y for x, y in zip(before, after)),
+        wrong_to_wrong=sum(not x and not y for x, y in zip(before, after)),
+    )
+
+
+def group_indices(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+    """Indices of equal keys, groups in order of first appearance.
+
+    Example:
+        >>> group_indices(["random", "popular", "random"])
+        {'random': [0, 2], 'popular': [1]}
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return groups

@@ -1,0 +1,50 @@
+"""Offline demo models and the synthetic scenes they are trained and measured on.
+
+* ``api_tool.demo.scenes``: seeded scenes of coloured shapes with masks, boxes, captions and questions.
+* ``api_tool.demo.clip_model``: the small CLIP shipped with the package (``load_demo_clip``).
+* ``api_tool.demo.train_clip``: the script that trained it (``python -m api_tool.demo.train_clip``).
+
+Example:
+    >>> from api_tool.demo import generate_scene
+    >>> generate_scene(0, size=(256, 192)).image.size
+    (256, 192)
+"""
+
+from api_tool.demo.clip_model import CompactTokenizer, load_demo_clip
+from api_tool.demo.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    POPE_SPLITS,
+    QUESTION_TYPES,
+    SHAPES,
+    Question,
+    Scene,
+    SceneConfig,
+    SceneObject,
+    existence_questions,
+    generate_scene,
+    make_question,
+    render_layouts,
+    sample_layouts,
+    scene_questions,
+)
+
+__all__ = [
+    "BACKGROUNDS",
+    "COLOURS",
+    "POPE_SPLITS",
+    "QUESTION_TYPES",
+    "SHAPES",
+    "CompactTokenizer",
+    "Question",
+    "Scene",
+    "SceneConfig",
+    "SceneObject",
+    "existence_questions",
+    "generate_scene",
+    "load_demo_clip",
+    "make_question",
+    "render_layouts",
+    "sample_layouts",
+    "scene_questions",
+]

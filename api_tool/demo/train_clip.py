@@ -1,0 +1,434 @@
+"""Train the demo CLIP contrastively on synthetic scenes generated on the fly.
+
+Recipe (what each part is for):
+
+* Scenes: 1-5 objects, square and letterboxed non-square canvases (padding = the mean colour, as the
+  attributor letterboxes), half of each batch softened by a 3x3 blur (resized inputs at inference
+  have soft edges). Layouts and texts are made by DataLoader workers on the CPU; pixels are rendered
+  on the training device.
+* Four texts per image: its full caption (all objects, often one spatial relation); a hard negative
+  caption (colours re-bound between objects, or the relation flipped); a query naming one present
+  object by colour and shape, by shape or by colour alone ("where is the red circle?", "what colour
+  is the star?"), or two objects; and an adversarial query naming an absent recombination of present
+  attributes.
+* Loss: image-to-text cross-entropy over captions and hard negatives; text-to-image with every image
+  that satisfies the text as a positive (a query's positives are all images holding such an object,
+  found from the layouts), ``-log sum_{positives} softmax``. Queries therefore teach the model to
+  find one object among several and to bind colour to shape.
+* Optional deep supervision (``--aux-weight``): the CLS token after block ``--aux-layer`` (the block
+  API reads, second-to-last by default) goes through ``ln_post`` and ``proj`` and gets the same loss,
+  so that block's attention output to CLS is itself aligned with the text.
+
+It prints its curves (loss, held-out caption-to-image top-1 among 100, image-to-caption top-1, and the
+binding accuracy: the true caption outscoring its hard negative) and writes ``model.safetensors`` and
+``config.json``. Seeded; runs on CPU too (slowly): ``--device cpu --steps 20 --batch 32 --workers 0``.
+
+Example:
+    python -m api_tool.demo.train_clip --steps 6000 --batch 512 --out api_tool/demo/weights/clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from api_tool.demo.clip_model import (
+    DEMO_CLIP_ARCHITECTURE,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    CompactTokenizer,
+    build_demo_clip,
+    save_demo_clip,
+)
+from api_tool.demo.scenes import (
+    COLOUR_NAMES,
+    SHAPES,
+    Layouts,
+    ObjectFacts,
+    describe,
+    existence_negative,
+    hard_negative_caption,
+    letterbox_boxes,
+    object_query,
+    pair_query,
+    render_layouts,
+    sample_layouts,
+    true_relations,
+)
+
+WILD_COLOUR = len(COLOUR_NAMES)
+WILD_SHAPE = len(SHAPES)
+ANY_OBJECT = (WILD_COLOUR, WILD_SHAPE)
+PAD_RGB = tuple(255.0 * m for m in OPENAI_MEAN)
+
+CAPTION, NEGATIVE, QUERY = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters (all on the command line).
+
+    ``max_seconds`` > 0 stops training early (the weights are still saved) when the loop has run that
+    long: a guard for fixed-length machine leases; the learning-rate schedule is set by ``steps``.
+    """
+
+    steps: int = 6000
+    batch: int = 512
+    lr: float = 1e-3
+    warmup: int = 300
+    weight_decay: float = 0.1
+    aux_weight: float = 0.5
+    aux_layer: int = -2
+    blur_probability: float = 0.5
+    seed: int = 0
+    workers: int = 6
+    side: int = 224
+    eval_scenes: int = 1000
+    eval_every: int = 500
+    max_seconds: float = 0.0
+    log_every: int = 100
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    out: str = "api_tool/demo/weights/clip"
+
+
+# ----------------------------------------------------------------------------------------------
+# Texts for a batch of layouts (CPU, in DataLoader workers).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    """Token ids ``(T, C)`` of ``T = 4 n`` texts, each text's kind (caption, negative, query) and,
+    for queries, the two (colour, shape) atoms an image must hold (wildcards: ``ANY_OBJECT``)."""
+
+    tokens: torch.Tensor
+    kinds: torch.Tensor
+    atoms: torch.Tensor
+
+
+def _query_for(objects: Sequence[ObjectFacts], rng: random.Random) -> tuple[str, tuple[tuple[int, int], ...]]:
+    obj = rng.choice(objects)
+    colour, shape = COLOUR_NAMES.index(obj.colour), SHAPES.index(obj.shape)
+    roll = rng.random()
+    if roll < 0.1 and len(objects) > 1:
+        other = rng.choice([o for o in objects if o is not obj])
+        relations = true_relations(obj, other) or ("and",)
+        relation = rng.choice(relations)
+        text = (
+            f"the {obj.colour} {obj.shape} and the {other.colour} {other.shape}"
+            if relation == "and"
+            else pair_query(rng, f"{obj.colour} {obj.shape}", f"{other.colour} {other.shape}", relation)
+        )
+        return text, ((colour, shape), (COLOUR_NAMES.index(other.colour), SHAPES.index(other.shape)))
+    if roll < 0.7:
+        return object_query(rng, obj.colour, obj.shape), ((colour, shape), ANY_OBJECT)
+    if roll < 0.85:
+        return object_query(rng, shape=obj.shape), ((WILD_COLOUR, shape), ANY_OBJECT)
+    return object_query(rng, colour=obj.colour), ((colour, WILD_SHAPE), ANY_OBJECT)
+
+
+def _adversarial_query(objects: Sequence[ObjectFacts], rng: random.Random) -> tuple[str, tuple[tuple[int, int], ...]]:
+    name = existence_negative(objects, rng, "adversarial")
+    colour, shape = name.split()
+    return object_query(rng, colour, shape), ((COLOUR_NAMES.index(colour), SHAPES.index(shape)), ANY_OBJECT)
+
+
+def make_texts(
+    layouts: Layouts, rng: random.Random, tokenize: CompactTokenizer, cache: dict[str, torch.Tensor]
+) -> TextBatch:
+    """Captions, hard negatives, queries and adversarial queries for every scene (in that order)."""
+    scenes = layouts.facts()
+    captions, negatives, queries, adversarial = [], [], [], []
+    query_atoms, adversarial_atoms = [], []
+    for objects in scenes:
+        caption = describe(objects, rng)
+        assert caption is not None
+        captions.append(caption)
+        negatives.append(hard_negative_caption(objects, rng))
+        text, atoms = _query_for(objects, rng)
+        queries.append(text)
+        query_atoms.append(atoms)
+        text, atoms = _adversarial_query(objects, rng)
+        adversarial.append(text)
+        adversarial_atoms.append(atoms)
+    texts = captions + negatives + queries + adversarial
+    missing = [text for text in dict.fromkeys(texts) if text not in cache]
+    if missing:
+        cache.update(zip(missing, tokenize(missing)))
+    n = len(scenes)
+    kinds = torch.tensor([CAPTION] * n + [NEGATIVE] * n + [QUERY] * (2 * n))
+    atoms = torch.tensor([(ANY_OBJECT, ANY_OBJECT)] * (2 * n) + query_atoms + adversarial_atoms)
+    return TextBatch(tokens=torch.stack([cache[text] for text in texts]), kinds=kinds, atoms=atoms)
+
+
+class SceneTextStream(IterableDataset):
+    """Endless (layouts, texts) batches; each worker has its own seeded stream."""
+
+    def __init__(self, batch: int, seed: int, context_length: int) -> None:
+        super().__init__()
+        self.batch = batch
+        self.seed = seed
+        self.context_length = context_length
+
+    def __iter__(self) -> Iterator[tuple[Layouts, TextBatch]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        generator = torch.Generator().manual_seed(self.seed * 1000 + worker)
+        rng = random.Random(self.seed * 1000 + worker)
+        tokenize = CompactTokenizer.for_scene_language(self.context_length)
+        cache: dict[str, torch.Tensor] = {}
+        while True:
+            layouts = sample_layouts(self.batch, generator)
+            yield layouts, make_texts(layouts, rng, tokenize, cache)
+            if len(cache) > 200_000:
+                cache.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixels and the loss (on the training device).
+# ----------------------------------------------------------------------------------------------
+
+
+def render_inputs(
+    layouts: Layouts, side: int, generator: torch.Generator | None, device: torch.device, blur_probability: float = 0.0
+) -> torch.Tensor:
+    """Letterboxed, normalised model inputs ``(n, 3, side, side)`` for the layouts."""
+    rendered = render_layouts(
+        layouts,
+        (side, side),
+        content_boxes=letterbox_boxes(layouts.aspect, side),
+        pad_rgb=PAD_RGB,  # type: ignore[arg-type]
+        generator=generator,
+        device=device,
+    )
+    pixels = rendered.images / 255.0
+    if blur_probability > 0.0:
+        blurred = F.avg_pool2d(pixels, 3, stride=1, padding=1, count_include_pad=False)
+        chosen = torch.rand(pixels.shape[0], device=device, generator=generator) < blur_probability
+        pixels = torch.where(chosen[:, None, None, None], blurred, pixels)
+    mean = torch.tensor(OPENAI_MEAN, device=device)[None, :, None, None]
+    std = torch.tensor(OPENAI_STD, device=device)[None, :, None, None]
+    return (pixels - mean) / std
+
+
+def presence(layouts: Layouts) -> torch.Tensor:
+    """``(n, C + 1, S + 1)``: does the scene hold an object of colour c and shape s (index C / S =
+    any colour / any shape)."""
+    n = layouts.size
+    table = torch.zeros(n, WILD_COLOUR + 1, WILD_SHAPE + 1, dtype=torch.bool, device=layouts.valid.device)
+    scene = torch.arange(n, device=table.device)[:, None].expand_as(layouts.colour)
+    table[scene[layouts.valid], layouts.colour[layouts.valid], layouts.shape[layouts.valid]] = True
+    table[:, :WILD_COLOUR, WILD_SHAPE] = table[:, :WILD_COLOUR, :WILD_SHAPE].any(dim=2)
+    table[:, WILD_COLOUR, :] = table[:, :WILD_COLOUR, :].any(dim=1)
+    table[:, WILD_COLOUR, WILD_SHAPE] = True
+    return table
+
+
+def positives(layouts: Layouts, texts: TextBatch) -> torch.Tensor:
+    """``(T, n)`` boolean: which images satisfy each text (captions: their own image; negatives: none)."""
+    n = layouts.size
+    table = presence(layouts).view(n, -1)
+    flat = texts.atoms[..., 0] * (WILD_SHAPE + 1) + texts.atoms[..., 1]  # (T, 2)
+    satisfied = (table[:, flat[:, 0]] & table[:, flat[:, 1]]).T
+    own = torch.zeros_like(satisfied)
+    own[:n].fill_diagonal_(True)
+    kinds = texts.kinds[:, None]
+    return torch.where(kinds == QUERY, satisfied, torch.where(kinds == CAPTION, own, torch.zeros_like(own)))
+
+
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, positive: torch.Tensor
+) -> torch.Tensor:
+    """Image-to-text CE over captions + hard negatives, and multi-positive text-to-image NCE.
+
+    ``image`` ``(n, E)`` and ``text`` ``(T, E)`` are normalised; the first ``2 n`` texts are the
+    captions then the negatives; ``positive`` is ``(T, n)``.
+    """
+    n = image.shape[0]
+    logits = scale * text.float() @ image.float().T  # (T, n)
+    image_to_text = F.cross_entropy(logits[: 2 * n].T, torch.arange(n, device=image.device))
+    has_positive = positive.any(dim=1)
+    masked = logits.masked_fill(~positive, float("-inf"))
+    text_to_image = torch.logsumexp(logits, dim=1) - torch.logsumexp(masked, dim=1)
+    return 0.5 * (image_to_text + text_to_image[has_positive].mean())
+
+
+class ClsAfterBlock:
+    """Captures the CLS token after one visual block (forward hook)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = block.register_forward_hook(self._hook)
+
+    def _hook(self, _module: torch.nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.value = output[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out evaluation.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A fixed held-out set: inputs, caption tokens and hard-negative tokens."""
+
+    inputs: torch.Tensor
+    captions: torch.Tensor
+    negatives: torch.Tensor
+
+
+def make_held_out(count: int, seed: int, side: int, tokenize: CompactTokenizer, device: torch.device) -> HeldOut:
+    """``count`` scenes from a stream disjoint from training (its own seed), with captions."""
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    layouts = sample_layouts(count, generator)
+    scenes = layouts.facts()
+    captions = [describe(objects, rng) or "" for objects in scenes]
+    negatives = [hard_negative_caption(objects, rng) for objects in scenes]
+    noise = torch.Generator(device=device).manual_seed(seed)
+    inputs = torch.cat(
+        [render_inputs(layouts.select(slice(i, i + 250)), side, noise, device) for i in range(0, count, 250)]
+    )
+    return HeldOut(inputs, tokenize(captions).to(device), tokenize(negatives).to(device))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, held_out: HeldOut, group: int = 100) -> dict[str, float]:
+    """Caption-to-image and image-to-caption top-1 among ``group``, and binding accuracy."""
+    model.eval()
+    images = torch.cat([model.encode_image(chunk, normalize=True) for chunk in held_out.inputs.split(250)])
+    captions = model.encode_text(held_out.captions, normalize=True)
+    negatives = model.encode_text(held_out.negatives, normalize=True)
+    text_hits = image_hits = 0
+    groups = images.shape[0] // group
+    for g in range(groups):
+        part = slice(g * group, (g + 1) * group)
+        similarity = captions[part] @ images[part].T
+        target = torch.arange(group, device=images.device)
+        text_hits += int((similarity.argmax(dim=1) == target).sum())
+        image_hits += int((similarity.argmax(dim=0) == target).sum())
+    binding = ((images * captions).sum(-1) > (images * negatives).sum(-1)).float().mean()
+    model.train()
+    total = groups * group
+    return {"t2i_top1": text_hits / total, "i2t_top1": image_hits / total, "binding": float(binding)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop.
+# ----------------------------------------------------------------------------------------------
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    """Train, print curves, save the weights; returns the final held-out metrics."""
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    tokenize = CompactTokenizer.for_scene_language(DEMO_CLIP_ARCHITECTURE["text_cfg"]["context_length"])
+    model = build_demo_clip(tokenize.vocab_size).to(device).train()
+    print(f"params: {sum(p.numel() for p in model.parameters()):,}; vocab {tokenize.vocab_size}; {asdict(config)}")
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return config.lr * (step + 1) / config.warmup
+        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    stream = SceneTextStream(config.batch, config.seed, tokenize.context_length)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=config.workers,
+        prefetch_factor=4 if config.workers > 0 else None,
+        persistent_workers=config.workers > 0,
+    )
+    held_out = make_held_out(config.eval_scenes, 10_000 + config.seed, config.side, tokenize, device)
+    noise = torch.Generator(device=device).manual_seed(config.seed)
+    blocks = model.visual.transformer.resblocks
+    aux = ClsAfterBlock(blocks[config.aux_layer]) if config.aux_weight > 0 else None
+    use_amp = device.type == "cuda"
+    started = time.time()
+    metrics: dict[str, float] = {}
+    for step, (layouts, texts) in enumerate(loader):
+        if step >= config.steps or (config.max_seconds > 0 and time.time() - started > config.max_seconds):
+            print(f"stopping at step {step} after {time.time() - started:.0f}s", flush=True)
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        tokens = texts.tokens.to(device, non_blocking=True)
+        text_batch = TextBatch(tokens, texts.kinds.to(device), texts.atoms.to(device))
+        inputs = render_inputs(layouts, config.side, noise, device, config.blur_probability)
+        positive = positives(layouts.to(device), text_batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            image = model.encode_image(inputs, normalize=True)
+            text = model.encode_text(tokens, normalize=True)
+            scale = model.logit_scale.exp()
+            loss = contrastive_loss(image, text, scale, positive)
+            if aux is not None:
+                assert aux.value is not None
+                aux_image = F.normalize(model.visual.ln_post(aux.value) @ model.visual.proj, dim=-1)
+                loss = loss + config.aux_weight * contrastive_loss(aux_image, text, scale, positive)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % config.log_every == 0:
+            elapsed = time.time() - started
+            print(
+                f"step {step:6d}  loss {float(loss.detach()):.4f}  scale {float(scale):6.2f}  lr {lr_at(step):.2e}  "
+                f"{(step + 1) * config.batch / max(elapsed, 1e-9):7.0f} img/s  {elapsed:6.0f}s",
+                flush=True,
+            )
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            metrics = evaluate(model, held_out)
+            print(f"eval step {step + 1:6d}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+    model.eval()
+    metrics = evaluate(model, held_out)
+    metrics["train_seconds"] = time.time() - started
+    metrics["steps"] = step
+    out = save_demo_clip(
+        model,
+        tokenize,
+        config.out,
+        metadata={"train_config": asdict(config), "held_out": metrics, "torch": torch.__version__},
+    )
+    print(f"final  {metrics}  saved to {out}")
+    return metrics
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Command-line flags, one per ``TrainConfig`` field (``--aux-weight 0`` turns deep supervision off)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: ``python -m api_tool.demo.train_clip``."""
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
