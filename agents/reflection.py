@@ -174,17 +174,6 @@ def _image_block(data_uri: str) -> dict[str, Any]:
     return {"type": "image", "base64": data, "mime_type": header[len("data:") : header.index(";")]}
 
 
-PAPER_SELF_LAYER = 20
-
-
-def self_attribution_layer(model: Any) -> int:
-    """The decoder block the loop reads in self mode: the paper's 20 when the model has more blocks
-    (LLaVA-1.5 7B/13B have 32/40), else the middle block of a smaller model."""
-    text_config = getattr(model.config, "text_config", model.config)
-    layers = int(text_config.num_hidden_layers)
-    return PAPER_SELF_LAYER if layers > PAPER_SELF_LAYER else layers // 2
-
-
 def default_tool(
     target: BaseChatModel, self_attribution: bool | None = None, **attributor_options: Any
 ) -> AttentionPromptTool:
@@ -192,8 +181,8 @@ def default_tool(
 
     ``self_attribution``: ``None`` uses the target's own LLaVA when it is a ``ChatTransformersVLM``
     wrapping one (else the demo CLIP); ``True`` requires that; ``False`` always uses the demo CLIP.
-    ``attributor_options`` go to ``LlavaAttributor.from_model`` (``layer`` defaults to
-    :func:`self_attribution_layer`).
+    ``attributor_options`` go to ``LlavaAttributor.from_model`` (``layer`` defaults to the model's
+    ``api_attribution_layer``, else the paper's block 20, else the middle block).
 
     Example:
         >>> tool = default_tool(ChatTransformersVLM.from_pretrained("demo"))  # doctest: +SKIP
@@ -210,8 +199,7 @@ def default_tool(
         assert isinstance(target, ChatTransformersVLM)
         from api_tool.backends.llava import LlavaAttributor
 
-        options = {"layer": self_attribution_layer(target.hf_model), **attributor_options}
-        attributor = LlavaAttributor.from_model(target.hf_model, target.processor, **options)
+        attributor = LlavaAttributor.from_model(target.hf_model, target.processor, **attributor_options)
         return AttentionPromptTool(attributor=attributor)
     return AttentionPromptTool()
 

@@ -78,6 +78,8 @@ from api_tool.images import ImageRef, load_image
 from api_tool.maps import AttributionMap, combine_maps
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
+PAPER_LAYER = 20
+"""The block the authors read in LLaVA-1.5 (32 or 40 blocks)."""
 DEMO_MODEL = "demo"
 SUPPORTED_TEXT_MODELS: tuple[str, ...] = ("llama", "mistral", "qwen2")
 SUPPORTED_VISION_MODELS: tuple[str, ...] = ("clip_vision_model", "siglip_vision_model")
@@ -309,7 +311,7 @@ class LlavaAttributor:
     def __init__(
         self,
         model: str | os.PathLike[str] = DEFAULT_MODEL,
-        layer: int = 20,
+        layer: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         max_new_tokens: int = 20,
@@ -327,7 +329,7 @@ class LlavaAttributor:
         model: torch.nn.Module,
         processor: Any,
         *,
-        layer: int = 20,
+        layer: int | None = None,
         max_new_tokens: int = 20,
         enhance_coe: float = 10.0,
         kernel_size: int = 3,
@@ -348,7 +350,7 @@ class LlavaAttributor:
         model: torch.nn.Module,
         processor: Any,
         model_name: str,
-        layer: int,
+        layer: int | None,
         max_new_tokens: int,
         enhance_coe: float,
         kernel_size: int,
@@ -362,7 +364,8 @@ class LlavaAttributor:
         self.processor = processor
         self.model_name = model_name
         self.layers = decoder_layers(model)
-        self.layer = resolve_layer(layer, len(self.layers), "language model")
+        chosen = layer if layer is not None else default_attribution_layer(model.config)
+        self.layer = resolve_layer(chosen, len(self.layers), "language model")
         self.max_new_tokens = max_new_tokens
         self.enhance_coe = float(enhance_coe)
         self.kernel_size = kernel_size
@@ -637,6 +640,17 @@ def model_cache(output: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Loading and checks.
 # ----------------------------------------------------------------------------------------------
+
+
+def default_attribution_layer(config: Any) -> int:
+    """The block read when none is given: the model config's ``api_attribution_layer`` if it sets one
+    (the demo LLaVA does), else the paper's block 20 when the model is deeper, else its middle block."""
+    recommended = getattr(config, "api_attribution_layer", None)
+    if recommended is not None:
+        return int(recommended)
+    text_config = getattr(config, "text_config", config)
+    blocks = int(text_config.num_hidden_layers)
+    return PAPER_LAYER if blocks > PAPER_LAYER else blocks // 2
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -766,10 +766,15 @@ def build_model(config: TrainConfig) -> tuple[LlavaForConditionalGeneration, Lla
 
 
 def save_demo_llava(
-    model: LlavaForConditionalGeneration, processor: LlavaProcessor, directory: str | Path, record: dict[str, object]
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    directory: str | Path,
+    record: dict[str, object],
+    attribution_layer: int,
 ) -> Path:
     """Save fp16 weights, processor and ``training.json``; the config declares float32 so a plain
-    ``from_pretrained`` upcasts. Refuses weights over ``MAX_WEIGHTS_BYTES``."""
+    ``from_pretrained`` upcasts, and ``api_attribution_layer`` (the block ``LlavaAttributor`` reads by
+    default). Refuses weights over ``MAX_WEIGHTS_BYTES``."""
     half = LlavaForConditionalGeneration(model.config)
     half.load_state_dict(model.state_dict())
     half.generation_config = model.generation_config
@@ -779,6 +784,7 @@ def save_demo_llava(
     for section in (stored, stored.get("text_config", {}), stored.get("vision_config", {})):
         if "dtype" in section:
             section["dtype"] = "float32"
+    stored["api_attribution_layer"] = attribution_layer
     config_path.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
     size = sum(file.stat().st_size for file in path.glob("*.safetensors"))
     if size > MAX_WEIGHTS_BYTES:
@@ -898,7 +904,7 @@ def train(config: TrainConfig) -> dict[str, float]:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
-    out = save_demo_llava(model.cpu(), processor, config.out, record)
+    out = save_demo_llava(model.cpu(), processor, config.out, record, config.grounding_layer)
     size = sum(file.stat().st_size for file in out.glob("*.safetensors"))
     print(f"saved to {out} ({size / 2**20:.2f} MiB of weights) after {step} steps in {train_seconds:.0f}s", flush=True)
     return metrics

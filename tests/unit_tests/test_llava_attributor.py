@@ -359,3 +359,16 @@ def test_bad_parameters(attributor: LlavaAttributor, saved_llava: TinyLlava, pho
         LlavaAttributor.from_model(saved_llava.model, saved_llava.processor, layer=0, kernel_size=2)
     with pytest.raises(InvalidParameterError, match="dtype"):
         LlavaAttributor(model=saved_llava.directory, layer=0, device="cpu", dtype="int8")
+
+
+def test_default_layer_follows_the_config() -> None:
+    from types import SimpleNamespace
+
+    from api_tool.backends.llava import default_attribution_layer
+
+    def config(blocks: int, **extra: int) -> SimpleNamespace:
+        return SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=blocks), **extra)
+
+    assert default_attribution_layer(config(32)) == 20
+    assert default_attribution_layer(config(4)) == 2
+    assert default_attribution_layer(config(4, api_attribution_layer=1)) == 1
