@@ -10,6 +10,9 @@ Example:
 
 from agents.agent import api_system_prompt, create_api_agent
 from agents.chat_models import ChatTransformersVLM, parse_tool_calls
+from agents.datasets import EvalItem, convert_pope, load_jsonl, synthetic_items, write_jsonl
+from agents.eval import EvalOptions, EvalReport, evaluate
+from agents.metrics import change_counts, pope_scores
 from agents.middleware import ImageToolMessageMiddleware, accepts_tool_message_images, hoist_tool_images
 from agents.prompts import AGENT_SYSTEM_PROMPT, STRATEGIES, ReflectionStrategy, get_strategy, parse_final_answer
 from agents.reflection import (
@@ -26,6 +29,9 @@ __all__ = [
     "AGENT_SYSTEM_PROMPT",
     "STRATEGIES",
     "ChatTransformersVLM",
+    "EvalItem",
+    "EvalOptions",
+    "EvalReport",
     "ImageToolMessageMiddleware",
     "ReflectionResult",
     "ReflectionRound",
@@ -35,11 +41,18 @@ __all__ = [
     "api_system_prompt",
     "areflect",
     "build_reflection_graph",
+    "change_counts",
+    "convert_pope",
     "create_api_agent",
     "default_tool",
+    "evaluate",
     "get_strategy",
     "hoist_tool_images",
+    "load_jsonl",
     "parse_final_answer",
     "parse_tool_calls",
+    "pope_scores",
     "reflect",
+    "synthetic_items",
+    "write_jsonl",
 ]

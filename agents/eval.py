@@ -81,7 +81,7 @@ from agents.reflection import default_tool, image_data_uri, reflect
 from api_tool.backends.base import Attributor
 from api_tool.errors import ApiPromptingError, EvalOutputError, EvalRunError, InvalidParameterError
 from api_tool.images import ImageRef, load_image
-from api_tool.maps import AttributionMap
+from api_tool.maps import COMBINE_MODES, AttributionMap
 from api_tool.prompt import attention_prompt
 from api_tool.render import STYLES, Style
 from api_tool.tool import AttentionPromptTool, scores_answers
@@ -957,13 +957,19 @@ def build_target(spec: str, *, max_tokens: int | None = None, device: str | None
     return ChatTransformersVLM.from_pretrained(spec, max_tokens=max_tokens or LOCAL_MAX_TOKENS, device=device)
 
 
-def build_attributor(spec: str, target: BaseChatModel, device: str | None = None) -> Attributor:
-    """``self`` -> the target's own LLaVA (``LlavaAttributor.from_model``); anything else -> the registry."""
+def build_attributor(
+    spec: str, target: BaseChatModel, device: str | None = None, combine: str | None = None
+) -> Attributor:
+    """``self`` -> the target's own LLaVA (``LlavaAttributor.from_model``); anything else -> the registry,
+    with ``device`` and, for CLIP, ``combine`` (how Psi_cls and Psi_comp make the mask)."""
     if spec == "self":
+        if combine is not None:
+            raise InvalidParameterError("--combine applies to CLIP attributors, not to 'self' (LLaVA)")
         return default_tool(target, self_attribution=True).backend
     from api_tool.backends.registry import get_attributor
 
-    return get_attributor(spec, **({"device": device} if device is not None else {}))
+    options = {name: value for name, value in (("device", device), ("combine", combine)) if value is not None}
+    return get_attributor(spec, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -995,6 +1001,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=None, help=f"new-token budget (local default {LOCAL_MAX_TOKENS})"
     )
     parser.add_argument("--rounds", type=int, default=1, help="most reflection rounds (default 1)")
+    parser.add_argument(
+        "--combine", choices=COMBINE_MODES, default=None, help="CLIP only: how Psi_cls and Psi_comp make the mask"
+    )
     parser.add_argument("--style", choices=STYLES, default="gray", help="how the prompted image is drawn")
     parser.add_argument("--gray-level", type=int, default=0, help="gray of faded regions, 0..255")
     parser.add_argument("--system", default=None, help="a system prompt sent with every question")
@@ -1029,7 +1038,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         items, data_name = _load_items(args)
         target = build_target(args.target, max_tokens=args.max_tokens, device=args.device)
         needs_maps = bool(ANNOTATING_MODES.intersection(run_modes(modes)))
-        attributor = build_attributor(args.attributor, target, args.device) if needs_maps else None
+        attributor = build_attributor(args.attributor, target, args.device, args.combine) if needs_maps else None
+        label = args.attributor if args.combine is None else f"{args.attributor} (combine={args.combine})"
         report = evaluate(
             items,
             target,
@@ -1039,7 +1049,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume=args.resume,
             options=options,
             target_name=args.target,
-            attributor_name=args.attributor if needs_maps else None,
+            attributor_name=label if needs_maps else None,
             data_name=data_name,
         )
     except KeyboardInterrupt:

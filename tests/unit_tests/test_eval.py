@@ -38,6 +38,7 @@ from agents.eval import (
     EvalOptions,
     MapCache,
     ResultsLog,
+    build_attributor,
     disagreements,
     evaluate,
     main,
@@ -45,7 +46,13 @@ from agents.eval import (
 )
 from agents.metrics import pope_scores
 from api_tool.demo.scenes import generate_scene
-from api_tool.errors import DatasetError, EvalOutputError, EvalRunError, InvalidParameterError
+from api_tool.errors import (
+    DatasetError,
+    EvalOutputError,
+    EvalRunError,
+    InvalidParameterError,
+    UnsupportedModelError,
+)
 from api_tool.prompt import attention_prompt
 from tests.conftest import shared_tiny_attributor
 from tests.tiny_models import tiny_llava
@@ -461,6 +468,10 @@ def test_modes_and_options_are_checked(tmp_path: Path) -> None:
         EvalOptions(modes=("plain", "zoom"))
     with pytest.raises(InvalidParameterError, match="batch_size must be at least 1"):
         EvalOptions(batch_size=0)
+    with pytest.raises(InvalidParameterError, match="--combine applies to CLIP"):
+        build_attributor("self", RuleTarget(), combine="cls")
+    with pytest.raises(UnsupportedModelError, match="needs a ChatTransformersVLM target wrapping a LLaVA"):
+        build_attributor("self", RuleTarget())
 
 
 def test_map_cache_serves_prefetched_maps_from_one_batch(tmp_path: Path) -> None:
