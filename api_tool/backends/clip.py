@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,10 +211,13 @@ class ClipAttributor:
             the package (works offline).
         pretrained: an open_clip pretrained tag ("openai", ...), a local checkpoint path, or ``None``
             for random weights (tests). Ignored for ``"demo"``.
-        layer: block index into the visual transformer; negative counts from the end (-2, the
-            paper's default, is the second-to-last block).
+        layer: block index into the visual transformer; negative counts from the end. ``None``: -2,
+            the paper's second-to-last block (the demo model: its measured best, see
+            ``api_tool.demo.DEMO_CLIP_RECOMMENDED``).
         device: "cuda", "mps", "cpu" or ``None`` (CUDA, then MPS, then CPU).
-        enhance_coe, kernel_size, combine: post-processing, see ``api_tool.maps.combine_maps``.
+        enhance_coe, kernel_size: post-processing, see ``api_tool.maps.combine_maps``.
+        combine: how Psi_cls and Psi_comp make the mask; ``None``: ``"paper"`` (the demo model:
+            its measured best).
         cache_size: how many images' features to keep (keyed by image content).
         model, tokenizer: an already-built open_clip model and its tokenizer, to share one model.
 
@@ -228,11 +232,11 @@ class ClipAttributor:
         self,
         model_name: str = "ViT-L-14-336",
         pretrained: str | None = "openai",
-        layer: int = -2,
+        layer: int | None = None,
         device: str | torch.device | None = None,
         enhance_coe: float = 10.0,
         kernel_size: int = 3,
-        combine: Combine = "paper",
+        combine: Combine | None = None,
         cache_size: int = 32,
         *,
         model: torch.nn.Module | None = None,
@@ -250,11 +254,14 @@ class ClipAttributor:
         self.tokenizer = tokenizer
         self.visual = _checked_visual(self.model, model_name)
         self.blocks = self.visual.transformer.resblocks
-        self.layer = resolve_layer(layer, len(self.blocks), "vision transformer")
+        recommended = recommended_settings(model_name)
+        self.layer = resolve_layer(
+            layer if layer is not None else recommended["layer"], len(self.blocks), "vision transformer"
+        )
         self.enhance_coe = enhance_coe
         self.kernel_size = kernel_size
-        self.combine: Combine = combine
-        combine_maps(np.zeros((2, 2)), np.zeros((2, 2)), combine=combine, kernel_size=kernel_size)
+        self.combine: Combine = combine if combine is not None else recommended["combine"]
+        combine_maps(np.zeros((2, 2)), np.zeros((2, 2)), combine=self.combine, kernel_size=kernel_size)
         self.side = _input_side(self.visual)
         preprocess_cfg = getattr(self.visual, "preprocess_cfg", None) or {}
         self.mean = tuple(float(v) for v in preprocess_cfg.get("mean", OPENAI_MEAN))
@@ -331,7 +338,7 @@ class ClipAttributor:
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, Letterbox]:
         """Letterbox and normalise one image: ``(3, S, S)`` float tensor and the geometry."""
         pixels, letterbox = self.letterbox(image)
-        return self.normalize(torch.from_numpy(pixels)[None])[0], letterbox
+        return self.normalize(torch.from_numpy(pixels.copy())[None])[0], letterbox
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -433,6 +440,18 @@ def image_key(image: Image.Image) -> str:
     digest = hashlib.blake2b(image.tobytes(), digest_size=16)
     digest.update(f"{image.size}{image.mode}".encode())
     return digest.hexdigest()
+
+
+PAPER_SETTINGS: dict[str, Any] = {"layer": -2, "combine": "paper"}
+
+
+def recommended_settings(model_name: str) -> dict[str, Any]:
+    """Default ``layer`` and ``combine``: the paper's, or for ``"demo"`` the demo model's measured best."""
+    if model_name == "demo":
+        from api_tool.demo.clip_model import DEMO_CLIP_RECOMMENDED
+
+        return DEMO_CLIP_RECOMMENDED
+    return PAPER_SETTINGS
 
 
 def load_clip(model_name: str, pretrained: str | None) -> tuple[torch.nn.Module, Tokenizer, str | None]:

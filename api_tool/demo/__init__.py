@@ -10,7 +10,7 @@ Example:
     (256, 192)
 """
 
-from api_tool.demo.clip_model import CompactTokenizer, load_demo_clip
+from api_tool.demo.clip_model import DEMO_CLIP_RECOMMENDED, CompactTokenizer, load_demo_clip
 from api_tool.demo.scenes import (
     BACKGROUNDS,
     COLOURS,
@@ -32,6 +32,7 @@ from api_tool.demo.scenes import (
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
+    "DEMO_CLIP_RECOMMENDED",
     "POPE_SPLITS",
     "QUESTION_TYPES",
     "SHAPES",

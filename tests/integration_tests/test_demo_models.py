@@ -39,7 +39,7 @@ def llava() -> LlavaAttributor:
 def clip() -> ClipAttributor:
     if not (CLIP_DIR / "model.safetensors").is_file():
         pytest.fail(f"the demo CLIP weights are missing from {CLIP_DIR}")
-    return ClipAttributor("demo", device="cpu", combine="cls")
+    return ClipAttributor("demo", device="cpu")
 
 
 def scene(seed: int, size: tuple[int, int]) -> Scene:

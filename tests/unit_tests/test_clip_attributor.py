@@ -282,3 +282,14 @@ def test_without_cache_every_call_runs_the_image(clip_tokenizer, noise_image) ->
         handle.remove()
     assert len(calls) == 2 and not attributor._cache
     np.testing.assert_allclose(first.cls, second.cls)
+
+
+def test_default_settings_paper_for_real_models_measured_best_for_demo(clip_tokenizer) -> None:
+    from api_tool.demo import DEMO_CLIP_RECOMMENDED
+
+    tiny = ClipAttributor("tiny", model=build_tiny_clip(), tokenizer=clip_tokenizer, device="cpu")
+    assert tiny.layer == 1 and tiny.combine == "paper"  # 3 blocks: the paper's -2 is block 1
+    demo = ClipAttributor("demo", device="cpu")
+    assert demo.layer == DEMO_CLIP_RECOMMENDED["layer"] % len(demo.blocks)
+    assert demo.combine == DEMO_CLIP_RECOMMENDED["combine"]
+    assert ClipAttributor("demo", device="cpu", layer=-2, combine="paper").combine == "paper"
