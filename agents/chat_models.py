@@ -52,6 +52,7 @@ from PIL import Image
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from agents.prompts import TOOL_CALLING_TEMPLATE
+from api_tool.backends.base import model_lock
 from api_tool.errors import ImageLoadError, InvalidParameterError, UnknownModelError, WeightsUnavailableError
 from api_tool.images import load_image
 from api_tool.tool import image_source, is_image_block
@@ -489,7 +490,7 @@ class ChatTransformersVLM(BaseChatModel):
         stops = list(stop or self.stop or [])
         prompt_tokens = int(inputs["input_ids"].shape[1])
         generation = self._generation_kwargs(stops, prompt_tokens, **kwargs)
-        with torch.inference_mode():
+        with model_lock(self.hf_model), torch.inference_mode():
             output = self.hf_model.generate(**inputs, **generation)
         new_ids = output[0, prompt_tokens:]
         text, hit_stop = truncate_at_stop(self.processor.tokenizer.decode(new_ids, skip_special_tokens=True), stops)
@@ -562,7 +563,7 @@ class ChatTransformersVLM(BaseChatModel):
 
         def work() -> None:
             try:
-                with torch.inference_mode():
+                with model_lock(self.hf_model), torch.inference_mode():
                     self.hf_model.generate(**inputs, **generation, streamer=streamer)
             except BaseException as exc:  # re-raised in the consuming thread
                 failure.append(exc)

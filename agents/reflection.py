@@ -236,7 +236,7 @@ class _ReflectionNodes:
 
     def answer(self, state: ReflectionState) -> dict[str, Any]:
         """Node: the target's first answer (kept when the caller supplied one)."""
-        if state.get("first_answer"):
+        if state.get("first_answer") is not None:
             return self._answered(state, None, 0.0)
         start = time.perf_counter()
         reply = self.target.invoke(self.answer_messages(state))
@@ -244,7 +244,7 @@ class _ReflectionNodes:
 
     async def aanswer(self, state: ReflectionState) -> dict[str, Any]:
         """Async node: the target's first answer."""
-        if state.get("first_answer"):
+        if state.get("first_answer") is not None:
             return self._answered(state, None, 0.0)
         start = time.perf_counter()
         reply = await self.target.ainvoke(self.answer_messages(state))
@@ -455,7 +455,8 @@ async def areflect(
     Example:
         >>> result = await areflect("Is there a dog?", "park.jpg", ChatOllama(model="llava"))  # doctest: +SKIP
     """
-    graph = build_reflection_graph(
+    graph = await asyncio.to_thread(  # may load models: keep the event loop free
+        build_reflection_graph,
         target,
         tool,
         max_rounds=max_rounds,

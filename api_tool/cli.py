@@ -60,7 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agents.eval import main as eval_main
 
         return eval_main(arguments[1:])
-    args = build_parser().parse_args(arguments)
+    parser = build_parser()
+    args = parser.parse_args(arguments)
+    if args.backend == "llava" and (args.combine is not None or args.pretrained is not None):
+        parser.error("--combine and --pretrained apply to the clip backend only")
+    if args.pretrained is not None and (args.model == "demo" or args.model.startswith("local-dir:")):
+        parser.error("--pretrained applies to open_clip model names, not to 'demo' or local-dir: models")
     try:
         return _run(args)
     except (ApiPromptingError, OSError) as exc:

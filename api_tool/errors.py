@@ -56,7 +56,7 @@ class UnsupportedModelError(ApiPromptingError, ValueError):
     """The model exists but its architecture cannot be attributed by this backend."""
 
 
-class LayerOutOfRangeError(ApiPromptingError, IndexError):
+class LayerOutOfRangeError(ApiPromptingError, ValueError, IndexError):
     """The requested transformer block index does not exist in the model."""
 
 

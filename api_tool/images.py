@@ -22,7 +22,6 @@ import io
 import os
 import re
 import urllib.request
-import warnings
 from pathlib import Path
 from typing import Union
 
@@ -72,9 +71,8 @@ def load_image(ref: ImageRef, *, allow_remote: bool = False, max_pixels: int = D
                 f"remote image URLs are disabled: {text[:80]!r}; download the file first or pass allow_remote=True"
             )
         return _decode(_fetch(text), f"the image at {text[:80]!r}", max_pixels)
-    path = Path(text)
-    if len(text) < 4096 and path.exists():
-        return _open_path(path, max_pixels)
+    if _is_existing_path(text):
+        return _open_path(Path(text), max_pixels)
     if len(text) >= _MIN_BASE64_LENGTH and _BASE64_CHARS.match(text):
         return _decode(_b64decode(text, "the base64 string"), "the base64 string", max_pixels)
     raise ImageNotFoundError(f"image file not found: {text[:200]!r}")
@@ -96,6 +94,13 @@ def encode_image(image: Image.Image, format: str = "PNG", max_side: int | None =
     return base64.b64encode(buffer.getvalue()).decode("ascii"), f"image/{fmt.lower()}"
 
 
+def _is_existing_path(text: str) -> bool:
+    try:
+        return len(text) < 4096 and Path(text).exists()
+    except OSError:  # e.g. a long base64 string: "file name too long"
+        return False
+
+
 def _open_path(path: Path, max_pixels: int) -> Image.Image:
     if not path.exists():
         raise ImageNotFoundError(f"image file not found: {str(path)!r}")
@@ -108,12 +113,10 @@ def _decode(data: bytes, what: str, max_pixels: int) -> Image.Image:
     if not data:
         raise NotAnImageError(f"{what} is empty (0 bytes), not an image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only; the size is checked before decoding
     except UnidentifiedImageError:
         raise NotAnImageError(f"{what} is not an image Pillow can read (PNG, JPEG, WebP, ...)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageTooLargeError(f"{what} declares too many pixels (decompression-bomb guard)") from None
     _check_size(image.size, max_pixels, what)
     try:

@@ -266,8 +266,6 @@ class AttentionPromptTool(BaseTool):
             result = self.annotate(loaded, question)
             data, mime_type = encode_image(result.image, format=self.image_format, max_side=self.max_side)
         except ApiPromptingError as exc:
-            if not isinstance(exc, ValueError):
-                raise
             raise ToolException(f"attention_prompt could not run: {exc}") from exc
         total = result.timings.get("total", sum(result.timings.values()))
         backend = describe_attributor(self.backend)

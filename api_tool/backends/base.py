@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -62,3 +64,20 @@ def check_query(query: object) -> str:
     if not stripped:
         raise InvalidQueryError("the query is empty; ask a question about the image, e.g. 'where is the cat?'")
     return stripped
+
+
+_model_locks: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_model_locks_guard = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The one lock of ``model``: held while a hook is on it or it runs for someone who shares it.
+
+    Attribution hooks live on the model itself, so an attributor and a chat model that share one model
+    (self-reflection) must not run it at the same time from different threads.
+    """
+    with _model_locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.RLock()
+        return lock

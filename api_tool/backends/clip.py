@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from api_tool.backends.base import check_query, default_device, resolve_layer
+from api_tool.backends.base import check_query, default_device, model_lock, resolve_layer
 from api_tool.errors import (
     InvalidQueryError,
     UnknownModelError,
@@ -270,7 +270,7 @@ class ClipAttributor:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ClipImageFeatures] = OrderedDict()
         self._lock = threading.Lock()
-        self._forward_lock = threading.Lock()
+        self._forward_lock = model_lock(self.model)
 
     # -- public API ----------------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig
 
-from api_tool.backends.base import check_query, default_device, resolve_layer
+from api_tool.backends.base import check_query, default_device, model_lock, resolve_layer
 from api_tool.errors import (
     FocusNotFoundError,
     ImageTokenError,
@@ -379,7 +379,7 @@ class LlavaAttributor:
         parameters = inspect.signature(model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-        self._lock = threading.Lock()
+        self._lock = model_lock(model)
 
     @property
     def device(self) -> torch.device:

@@ -71,12 +71,14 @@ _lock = threading.Lock()
 def get_attributor(spec: str | Attributor | None = None, **options: object) -> Attributor:
     """The attributor for ``spec``, built on first use and shared afterwards.
 
-    ``options`` go to the backend's constructor (``layer``, ``device``, ``combine``...); different
-    options give a different (also cached) instance. An ``Attributor`` passed in is returned as is.
+    ``options`` go to the backend's constructor (``layer``, ``device``, ``combine``...); ``None``
+    values mean the backend's default; different options give a different (also cached) instance.
+    An ``Attributor`` passed in is returned as is.
     """
     if spec is not None and not isinstance(spec, str):
         return spec
     parsed = AttributorSpec.parse(spec)
+    options = {name: value for name, value in options.items() if value is not None}
     key = (parsed, tuple(sorted((name, repr(value)) for name, value in options.items())))
     with _lock:
         if key not in _cache:

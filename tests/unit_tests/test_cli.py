@@ -90,3 +90,17 @@ def test_console_script_is_installed(tiny_model_dir: Path, image_path: Path, tmp
     )
     assert result.returncode == 0, result.stderr
     assert out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--backend", "llava", "--combine", "cls"],
+        ["--pretrained", "openai"],
+        ["--model", "local-dir:/x", "--pretrained", "y"],
+    ],
+)
+def test_cli_rejects_flags_that_would_be_ignored(image_path: Path, tmp_path: Path, flags: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([str(image_path), "q", "-o", str(tmp_path / "x.png"), *flags])
+    assert info.value.code == 2

@@ -128,3 +128,10 @@ def test_encode_image_round_trip_and_downscale(picture: Image.Image) -> None:
     assert mime == "image/jpeg" and load_image(small).size == (100, 50)
     with pytest.raises(InvalidParameterError):
         encode_image(picture, format="GIF")
+
+
+def test_long_non_path_strings_give_image_errors_not_os_errors() -> None:
+    with pytest.raises(ImageLoadError):
+        load_image("A" * 300)
+    with pytest.raises(ImageLoadError):
+        load_image("x" * 3000 + ".png")

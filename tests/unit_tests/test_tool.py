@@ -356,3 +356,16 @@ def test_loaded_image_reference_round_trip(tool: AttentionPromptTool) -> None:
     content_from_b64, _ = tool._run(question="q", image=png_base64(image))
     assert content_from_uri[1] == content_from_b64[1]
     np.testing.assert_array_equal(np.asarray(load_image(data_uri)), np.asarray(image))
+
+
+def test_missing_weights_reach_the_agent_as_an_error_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    from api_tool.backends import clip as clip_module
+
+    monkeypatch.setattr(clip_module, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(clip_module, "_cached_checkpoint", lambda cfg: None)
+    tool = AttentionPromptTool(attributor="clip:ViT-B-32@openai")
+    call = {"type": "tool_call", "id": "w1", "name": "attention_prompt", "args": {"question": "a cat?"}}
+    call["args"]["image"] = png_base64(noise(2))
+    message = tool.invoke(call)
+    assert isinstance(message, ToolMessage) and message.status == "error"
+    assert "not in the local cache" in message.content
