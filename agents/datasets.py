@@ -50,7 +50,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -193,6 +193,19 @@ def parse_item(record: object, where: str, base_dir: Path, default_id: str) -> E
     )
 
 
+def _json_records(source: Path) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "file:line", parsed JSON)`` for each non-blank line; bad JSON names its line."""
+    with source.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{source}:{number}"
+            try:
+                yield number, where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
 def load_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> list[EvalItem]:
     """Read an evaluation JSONL (see the module docstring); ``limit`` keeps the first items.
 
@@ -214,22 +227,14 @@ def load_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> list[E
     base_dir = source.resolve().parent
     items: list[EvalItem] = []
     first_line: dict[str, int] = {}
-    with source.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{source}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            item = parse_item(record, where, base_dir, default_id=f"{source.stem}:{number}")
-            if item.id in first_line:
-                raise DatasetError(f"{where}: duplicate id {item.id!r} (first used on line {first_line[item.id]})")
-            first_line[item.id] = number
-            items.append(item)
-            if limit is not None and len(items) >= limit:
-                break
+    for number, where, record in _json_records(source):
+        item = parse_item(record, where, base_dir, default_id=f"{source.stem}:{number}")
+        if item.id in first_line:
+            raise DatasetError(f"{where}: duplicate id {item.id!r} (first used on line {first_line[item.id]})")
+        first_line[item.id] = number
+        items.append(item)
+        if limit is not None and len(items) >= limit:
+            break
     if not items:
         raise DatasetError(f"dataset file holds no items: {source}")
     return items
@@ -284,40 +289,30 @@ def convert_pope(
     prefix = chosen or source.stem
     items: list[EvalItem] = []
     seen: set[str] = set()
-    with source.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{source}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict) or any(key not in record for key in _POPE_FIELDS):
-                missing = [key for key in _POPE_FIELDS if not isinstance(record, dict) or key not in record]
-                raise DatasetError(
-                    f"{where}: not a POPE line, missing {missing} (POPE lines hold {list(_POPE_FIELDS)})"
-                )
-            label = str(record["label"]).strip().lower()
-            if label not in ("yes", "no"):
-                raise DatasetError(f"{where}: POPE label must be 'yes' or 'no', got {record['label']!r}")
-            item_id = f"{prefix}-{record['question_id']}"
-            if item_id in seen:
-                raise DatasetError(f"{where}: duplicate question_id {record['question_id']!r}")
-            seen.add(item_id)
-            image = images / str(record["image"])
-            if not image.is_file():
-                raise DatasetError(f"{where}: image not found: {image}")
-            items.append(
-                EvalItem(
-                    id=item_id,
-                    image=str(image.resolve()),
-                    question=str(record["text"]),
-                    answer=label,
-                    type="existence",
-                    split=chosen,
-                )
+    for _number, where, record in _json_records(source):
+        if not isinstance(record, dict) or any(key not in record for key in _POPE_FIELDS):
+            missing = [key for key in _POPE_FIELDS if not isinstance(record, dict) or key not in record]
+            raise DatasetError(f"{where}: not a POPE line, missing {missing} (POPE lines hold {list(_POPE_FIELDS)})")
+        label = str(record["label"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise DatasetError(f"{where}: POPE label must be 'yes' or 'no', got {record['label']!r}")
+        item_id = f"{prefix}-{record['question_id']}"
+        if item_id in seen:
+            raise DatasetError(f"{where}: duplicate question_id {record['question_id']!r}")
+        seen.add(item_id)
+        image = images / str(record["image"])
+        if not image.is_file():
+            raise DatasetError(f"{where}: image not found: {image}")
+        items.append(
+            EvalItem(
+                id=item_id,
+                image=str(image.resolve()),
+                question=str(record["text"]),
+                answer=label,
+                type="existence",
+                split=chosen,
             )
+        )
     if not items:
         raise DatasetError(f"POPE file holds no questions: {source}")
     if output is not None:
