@@ -19,33 +19,45 @@ Recipe (what each part is for):
   API reads, second-to-last by default) goes through ``ln_post`` and ``proj`` and gets the same loss,
   so that block's attention output to CLS is itself aligned with the text.
 
+* Optional second stage (``--init DIR``): start from a saved demo CLIP, with its positional
+  embeddings resized (open_clip's ``resize_pos_embed``) when ``--image-size`` differs, so a model
+  trained at 224 px can be refined at a finer patch grid.
+
 It prints its curves (loss, held-out caption-to-image top-1 among 100, image-to-caption top-1, and the
 binding accuracy: the true caption outscoring its hard negative) and writes ``model.safetensors`` and
 ``config.json``. Seeded; runs on CPU too (slowly): ``--device cpu --steps 20 --batch 32 --workers 0``.
 
 Example:
-    python -m api_tool.demo.train_clip --steps 6000 --batch 512 --out api_tool/demo/weights/clip
+    python -m api_tool.demo.train_clip --steps 7000 --batch 512 --out /tmp/clip224
+    python -m api_tool.demo.train_clip --init /tmp/clip224 --image-size 288 --lr 5e-4 --steps 6000 \
+        --out api_tool/demo/weights/clip
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from open_clip.model import resize_pos_embed
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from api_tool.demo.clip_model import (
+    CONFIG_FILE,
     DEMO_CLIP_ARCHITECTURE,
     OPENAI_MEAN,
     OPENAI_STD,
     CompactTokenizer,
     build_demo_clip,
+    load_demo_clip,
     save_demo_clip,
 )
 from api_tool.demo.scenes import (
@@ -63,6 +75,7 @@ from api_tool.demo.scenes import (
     sample_layouts,
     true_relations,
 )
+from api_tool.errors import InvalidParameterError
 
 WILD_COLOUR = len(COLOUR_NAMES)
 WILD_SHAPE = len(SHAPES)
@@ -76,8 +89,11 @@ CAPTION, NEGATIVE, QUERY = 0, 1, 2
 class TrainConfig:
     """Training hyper-parameters (all on the command line).
 
-    ``max_seconds`` > 0 stops training early (the weights are still saved) when the loop has run that
-    long: a guard for fixed-length machine leases; the learning-rate schedule is set by ``steps``.
+    ``max_seconds`` > 0 stops training when the loop has run that long (the weights are still saved):
+    a guard for fixed-length machine leases. The cosine learning-rate schedule then follows whichever
+    of ``steps`` and ``max_seconds`` runs out first, so a cut-short run still ends annealed.
+    ``image_size`` overrides the architecture's input side (a multiple of the patch size); ``init`` is
+    a demo CLIP folder to start from (empty: random initialisation).
     """
 
     steps: int = 6000
@@ -90,7 +106,8 @@ class TrainConfig:
     blur_probability: float = 0.5
     seed: int = 0
     workers: int = 6
-    side: int = 224
+    image_size: int = 224
+    init: str = ""
     eval_scenes: int = 1000
     eval_every: int = 500
     max_seconds: float = 0.0
@@ -337,20 +354,53 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cosine_lr(peak: float, step: int, elapsed: float, config: TrainConfig) -> float:
+    """Cosine decay from ``peak`` after warm-up; progress is the larger of the step and time fractions."""
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    if config.max_seconds > 0:
+        progress = max(progress, elapsed / config.max_seconds)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def architecture_for(image_size: int) -> dict[str, Any]:
+    """``DEMO_CLIP_ARCHITECTURE`` with the vision tower's input side set to ``image_size``."""
+    patch = DEMO_CLIP_ARCHITECTURE["vision_cfg"]["patch_size"]
+    if image_size <= 0 or image_size % patch:
+        raise InvalidParameterError(
+            f"image_size must be a positive multiple of the patch size {patch}, got {image_size}"
+        )
+    vision = {**DEMO_CLIP_ARCHITECTURE["vision_cfg"], "image_size": image_size}
+    return {**DEMO_CLIP_ARCHITECTURE, "vision_cfg": vision}
+
+
+def load_initial_weights(model: torch.nn.Module, directory: str, tokenize: CompactTokenizer) -> dict[str, Any]:
+    """Copy a saved demo CLIP's weights into ``model`` (positional embeddings resized to its grid);
+    returns the saved model's metadata (how it was trained), to be kept with the new weights."""
+    initial, initial_tokenize = load_demo_clip("cpu", directory)
+    if list(getattr(initial_tokenize, "kept_ids", ())) != list(tokenize.kept_ids):
+        raise InvalidParameterError(f"{directory} was trained with another vocabulary than the scene language's")
+    state = initial.state_dict()
+    resize_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
+    return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("metadata", {})
+
+
 def train(config: TrainConfig) -> dict[str, float]:
     """Train, print curves, save the weights; returns the final held-out metrics."""
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     tokenize = CompactTokenizer.for_scene_language(DEMO_CLIP_ARCHITECTURE["text_cfg"]["context_length"])
-    model = build_demo_clip(tokenize.vocab_size).to(device).train()
+    architecture = architecture_for(config.image_size)
+    model = build_demo_clip(tokenize.vocab_size, architecture)
+    init_metadata = load_initial_weights(model, config.init, tokenize) if config.init else None
+    model = model.to(device).train()
     print(f"params: {sum(p.numel() for p in model.parameters()):,}; vocab {tokenize.vocab_size}; {asdict(config)}")
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
 
-    def lr_at(step: int) -> float:
+    def lr_at(step: int, elapsed: float) -> float:
         if step < config.warmup:
             return config.lr * (step + 1) / config.warmup
-        progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cosine_lr(config.lr, step, elapsed, config)
 
     stream = SceneTextStream(config.batch, config.seed, tokenize.context_length)
     loader = DataLoader(
@@ -360,7 +410,7 @@ def train(config: TrainConfig) -> dict[str, float]:
         prefetch_factor=4 if config.workers > 0 else None,
         persistent_workers=config.workers > 0,
     )
-    held_out = make_held_out(config.eval_scenes, 10_000 + config.seed, config.side, tokenize, device)
+    held_out = make_held_out(config.eval_scenes, 10_000 + config.seed, config.image_size, tokenize, device)
     noise = torch.Generator(device=device).manual_seed(config.seed)
     blocks = model.visual.transformer.resblocks
     aux = ClsAfterBlock(blocks[config.aux_layer]) if config.aux_weight > 0 else None
@@ -368,14 +418,16 @@ def train(config: TrainConfig) -> dict[str, float]:
     started = time.time()
     metrics: dict[str, float] = {}
     for step, (layouts, texts) in enumerate(loader):
-        if step >= config.steps or (config.max_seconds > 0 and time.time() - started > config.max_seconds):
-            print(f"stopping at step {step} after {time.time() - started:.0f}s", flush=True)
+        elapsed = time.time() - started
+        if step >= config.steps or (config.max_seconds > 0 and elapsed > config.max_seconds):
+            print(f"stopping at step {step} after {elapsed:.0f}s", flush=True)
             break
+        lr = lr_at(step, elapsed)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr
         tokens = texts.tokens.to(device, non_blocking=True)
         text_batch = TextBatch(tokens, texts.kinds.to(device), texts.atoms.to(device))
-        inputs = render_inputs(layouts, config.side, noise, device, config.blur_probability)
+        inputs = render_inputs(layouts, config.image_size, noise, device, config.blur_probability)
         positive = positives(layouts.to(device), text_batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             image = model.encode_image(inputs, normalize=True)
@@ -395,11 +447,11 @@ def train(config: TrainConfig) -> dict[str, float]:
         if step % config.log_every == 0:
             elapsed = time.time() - started
             print(
-                f"step {step:6d}  loss {float(loss.detach()):.4f}  scale {float(scale):6.2f}  lr {lr_at(step):.2e}  "
+                f"step {step:6d}  loss {float(loss.detach()):.4f}  scale {float(scale.detach()):6.2f}  lr {lr:.2e}  "
                 f"{(step + 1) * config.batch / max(elapsed, 1e-9):7.0f} img/s  {elapsed:6.0f}s",
                 flush=True,
             )
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        if (step + 1) % config.eval_every == 0:
             metrics = evaluate(model, held_out)
             print(f"eval step {step + 1:6d}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
     model.eval()
@@ -410,7 +462,13 @@ def train(config: TrainConfig) -> dict[str, float]:
         model,
         tokenize,
         config.out,
-        metadata={"train_config": asdict(config), "held_out": metrics, "torch": torch.__version__},
+        architecture=architecture,
+        metadata={
+            "train_config": asdict(config),
+            "held_out": metrics,
+            "torch": torch.__version__,
+            "init": init_metadata,
+        },
     )
     print(f"final  {metrics}  saved to {out}")
     return metrics

@@ -1,0 +1,95 @@
+"""The demo CLIP's training script: the second stage starts exactly from the first stage's weights.
+
+Random-weight demo CLIPs; no shipped weights, no network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from api_tool.demo.clip_model import CompactTokenizer, build_demo_clip, load_demo_clip, save_demo_clip
+from api_tool.demo.train_clip import TrainConfig, architecture_for, cosine_lr, load_initial_weights, train
+from api_tool.errors import InvalidParameterError
+
+
+@pytest.fixture(scope="module")
+def tokenize() -> CompactTokenizer:
+    return CompactTokenizer.for_scene_language(32)
+
+
+@pytest.fixture(scope="module")
+def stage_one(tmp_path_factory: pytest.TempPathFactory, tokenize: CompactTokenizer) -> Path:
+    torch.manual_seed(0)
+    model = build_demo_clip(tokenize.vocab_size, architecture_for(224))
+    return save_demo_clip(
+        model, tokenize, tmp_path_factory.mktemp("stage1"), architecture=architecture_for(224), metadata={"stage": 1}
+    )
+
+
+def test_architecture_for_sets_the_input_side_and_checks_the_patch_grid() -> None:
+    assert architecture_for(288)["vision_cfg"]["image_size"] == 288
+    assert architecture_for(224)["vision_cfg"]["patch_size"] == 16
+    with pytest.raises(InvalidParameterError, match="multiple of the patch size 16"):
+        architecture_for(250)
+
+
+def test_cosine_follows_whichever_of_steps_and_time_runs_out_first() -> None:
+    by_steps = TrainConfig(steps=1100, warmup=100, lr=1.0, max_seconds=0.0)
+    assert cosine_lr(1.0, 100, 999.0, by_steps) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 600, 999.0, by_steps) == pytest.approx(0.5)
+    assert cosine_lr(1.0, 1100, 0.0, by_steps) == pytest.approx(0.0)
+    by_time = replace(by_steps, max_seconds=100.0)
+    assert cosine_lr(1.0, 200, 50.0, by_time) == pytest.approx(0.5)
+    assert cosine_lr(1.0, 200, 100.0, by_time) == pytest.approx(0.0)
+    assert cosine_lr(1.0, 200, 500.0, by_time) == pytest.approx(0.0)
+    assert cosine_lr(1.0, 600, 1.0, by_time) == pytest.approx(0.5)
+
+
+def test_same_size_init_copies_every_weight(stage_one: Path, tokenize: CompactTokenizer) -> None:
+    original, _ = load_demo_clip("cpu", stage_one)
+    model = build_demo_clip(tokenize.vocab_size, architecture_for(224))
+    metadata = load_initial_weights(model, str(stage_one), tokenize)
+    assert metadata == {"stage": 1}
+    for (name, value), (_, expected) in zip(model.state_dict().items(), original.state_dict().items()):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+
+
+def test_larger_input_resizes_only_the_patch_positions(stage_one: Path, tokenize: CompactTokenizer) -> None:
+    original, _ = load_demo_clip("cpu", stage_one)
+    model = build_demo_clip(tokenize.vocab_size, architecture_for(288))
+    load_initial_weights(model, str(stage_one), tokenize)
+    before, after = original.state_dict(), model.state_dict()
+    for name, value in after.items():
+        if name != "visual.positional_embedding":
+            torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    positions, old_positions = after["visual.positional_embedding"], before["visual.positional_embedding"]
+    assert positions.shape == (1 + 18 * 18, old_positions.shape[1])
+    torch.testing.assert_close(positions[0], old_positions[0], rtol=0, atol=0)
+    grid_mean = positions[1:].mean(dim=0)
+    torch.testing.assert_close(grid_mean, old_positions[1:].mean(dim=0), rtol=0, atol=0.05)
+
+
+def test_init_refuses_a_model_with_another_vocabulary(stage_one: Path) -> None:
+    other = CompactTokenizer(CompactTokenizer.for_scene_language(32).kept_ids[:-1], 32)
+    model = build_demo_clip(other.vocab_size, architecture_for(224))
+    with pytest.raises(InvalidParameterError, match="another vocabulary"):
+        load_initial_weights(model, str(stage_one), other)
+
+
+def test_second_stage_trains_and_records_its_provenance(stage_one: Path, tmp_path: Path) -> None:
+    config = TrainConfig(
+        steps=2, batch=8, warmup=1, workers=0, eval_scenes=100, device="cpu", image_size=288,
+        init=str(stage_one), out=str(tmp_path / "stage2"),
+    )  # fmt: skip
+    metrics = train(config)
+    assert 0.0 <= metrics["t2i_top1"] <= 1.0
+    saved = json.loads((tmp_path / "stage2" / "config.json").read_text())
+    assert saved["architecture"]["vision_cfg"]["image_size"] == 288
+    assert saved["metadata"]["init"] == {"stage": 1}
+    model, _ = load_demo_clip("cpu", tmp_path / "stage2")
+    assert model.visual.positional_embedding.shape[0] == 1 + 18 * 18
