@@ -958,18 +958,24 @@ def build_target(spec: str, *, max_tokens: int | None = None, device: str | None
 
 
 def build_attributor(
-    spec: str, target: BaseChatModel, device: str | None = None, combine: str | None = None
+    spec: str,
+    target: BaseChatModel,
+    device: str | None = None,
+    combine: str | None = None,
+    enhance_coe: float | None = None,
 ) -> Attributor:
     """``self`` -> the target's own LLaVA (``LlavaAttributor.from_model``); anything else -> the registry,
-    with ``device`` and, for CLIP, ``combine`` (how Psi_cls and Psi_comp make the mask)."""
+    with ``device``, ``enhance_coe`` (the mask's sigmoid sharpness; ``None``: the backend's default) and,
+    for CLIP, ``combine`` (how Psi_cls and Psi_comp make the mask)."""
     if spec == "self":
         if combine is not None:
             raise InvalidParameterError("--combine applies to CLIP attributors, not to 'self' (LLaVA)")
-        return default_tool(target, self_attribution=True).backend
+        options = {"enhance_coe": enhance_coe} if enhance_coe is not None else {}
+        return default_tool(target, self_attribution=True, **options).backend
     from api_tool.backends.registry import get_attributor
 
-    options = {name: value for name, value in (("device", device), ("combine", combine)) if value is not None}
-    return get_attributor(spec, **options)
+    chosen = (("device", device), ("combine", combine), ("enhance_coe", enhance_coe))
+    return get_attributor(spec, **{name: value for name, value in chosen if value is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1003,6 +1009,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1, help="most reflection rounds (default 1)")
     parser.add_argument(
         "--combine", choices=COMBINE_MODES, default=None, help="CLIP only: how Psi_cls and Psi_comp make the mask"
+    )
+    parser.add_argument(
+        "--enhance-coe", type=float, default=None, help="sigmoid sharpness of the mask (default: the backend's)"
     )
     parser.add_argument("--style", choices=STYLES, default="gray", help="how the prompted image is drawn")
     parser.add_argument("--gray-level", type=int, default=0, help="gray of faded regions, 0..255")
@@ -1038,8 +1047,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         items, data_name = _load_items(args)
         target = build_target(args.target, max_tokens=args.max_tokens, device=args.device)
         needs_maps = bool(ANNOTATING_MODES.intersection(run_modes(modes)))
-        attributor = build_attributor(args.attributor, target, args.device, args.combine) if needs_maps else None
-        label = args.attributor if args.combine is None else f"{args.attributor} (combine={args.combine})"
+        attributor = (
+            build_attributor(args.attributor, target, args.device, args.combine, args.enhance_coe)
+            if needs_maps
+            else None
+        )
+        settings = [f"{name}={value}" for name, value in (("combine", args.combine), ("enhance_coe", args.enhance_coe))]
+        chosen = [setting for setting in settings if not setting.endswith("=None")]
+        label = f"{args.attributor} ({', '.join(chosen)})" if chosen else args.attributor
         report = evaluate(
             items,
             target,

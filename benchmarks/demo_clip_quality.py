@@ -6,7 +6,8 @@ Measured on held-out synthetic scenes (seeds from ``--seed-base``, a stream the 
    images prepared exactly as ``ClipAttributor`` prepares them (letterbox to the model input).
 2. The pointing game with ``api_tool.backends.clip.ClipAttributor(model_name="demo", combine=...)``
    for every combine mode, on square and on non-square scenes with 2-5 objects. Each object whose
-   colour-shape name is unique in its scene is queried with "where is the <colour> <shape>?":
+   colour-shape name is unique in its scene is queried with "where is the <colour> <shape>?" (or
+   ``--query``, e.g. "is there {a} {name} in the image?"):
    * pointing: the argmax of the pixel-size mask (``AttributionMap.upsample()``) lies in the
      object's box;
    * energy: the share of the mask's sum inside the box;
@@ -30,9 +31,10 @@ import torch
 
 from api_tool.backends.clip import ClipAttributor
 from api_tool.demo.clip_model import load_demo_clip
-from api_tool.demo.scenes import Scene, generate_scene
+from api_tool.demo.scenes import Scene, article, generate_scene
 from api_tool.maps import COMBINE_MODES
 
+DEFAULT_QUERY = "where is the {name}?"
 NON_SQUARE_SIZES: tuple[tuple[int, int], ...] = ((320, 224), (224, 320), (384, 224), (256, 384), (352, 256))
 
 
@@ -60,7 +62,11 @@ def held_out_scenes(count: int, seed_base: int, square: bool) -> list[Scene]:
 
 
 def pointing_game(
-    attributor: ClipAttributor, scenes: Sequence[Scene], canvas: str, modes: Sequence[str]
+    attributor: ClipAttributor,
+    scenes: Sequence[Scene],
+    canvas: str,
+    modes: Sequence[str],
+    query: str = DEFAULT_QUERY,
 ) -> list[PointingResult]:
     """Score the attributor's masks, for each combine mode, against the box of every uniquely named object.
 
@@ -71,7 +77,7 @@ def pointing_game(
     for scene in scenes:
         names = [obj.name for obj in scene.objects]
         targets = [obj for obj in scene.objects if names.count(obj.name) == 1]
-        queries = [f"where is the {obj.name}?" for obj in targets]
+        queries = [query.format(name=obj.name, a=article(obj.name)) for obj in targets]
         width, height = scene.size
         for mode in modes:
             attributor.combine = mode  # type: ignore[assignment]
@@ -122,15 +128,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--retrieval-scenes", type=int, default=1000, help="held-out scenes for top-1 (x100)")
     parser.add_argument("--seed-base", type=int, default=1_000_000)
     parser.add_argument("--weights", default=None, help="demo CLIP folder (default: the shipped weights)")
-    parser.add_argument("--layer", type=int, default=-2)
+    parser.add_argument("--layer", type=int, default=None, help="default: the demo model's recommended block")
+    parser.add_argument("--enhance-coe", type=float, default=None, help="default: the demo model's recommended")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", nargs="+", default=list(COMBINE_MODES))
+    parser.add_argument("--query", default=DEFAULT_QUERY, help="question template ({name}, {a}: its article)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
 
     started = time.time()
     model, tokenizer = load_demo_clip(args.device, args.weights)
-    attributor = ClipAttributor("demo", layer=args.layer, device=args.device, model=model, tokenizer=tokenizer)
+    attributor = ClipAttributor(
+        "demo", layer=args.layer, device=args.device, enhance_coe=args.enhance_coe, model=model, tokenizer=tokenizer
+    )
+    layer = attributor.layer - len(attributor.blocks)
     retrieval = retrieval_top1(attributor, args.retrieval_scenes, args.seed_base + 500_000)
     print(f"held-out retrieval on {retrieval['scenes']} scenes (groups of 100):")
     print(f"  caption->image top-1 {retrieval['caption_to_image_top1']:.3f}")
@@ -139,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = []
     for canvas, square in (("square", True), ("non-square", False)):
         scenes = held_out_scenes(args.scenes, args.seed_base + (0 if square else 100_000), square)
-        results.extend(pointing_game(attributor, scenes, canvas, args.modes))
-    print(f"\npointing game, layer {args.layer}, {args.scenes} scenes per canvas kind, 2-5 objects:")
+        results.extend(pointing_game(attributor, scenes, canvas, args.modes, args.query))
+    print(
+        f"\npointing game, layer {layer}, enhance_coe {attributor.enhance_coe:g}, {args.scenes} scenes per canvas"
+        f" kind, 2-5 objects, query {args.query!r}:"
+    )
     print("| combine | canvas | queries | pointing | energy in box | random baseline |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -154,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "retrieval": retrieval,
                     "pointing": [r.__dict__ for r in results],
                     "best_mode": best,
-                    "layer": args.layer,
+                    "layer": layer,
+                    "enhance_coe": attributor.enhance_coe,
+                    "query": args.query,
                     "weights": args.weights or "shipped",
                 },
                 handle,

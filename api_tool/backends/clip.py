@@ -215,7 +215,8 @@ class ClipAttributor:
             the paper's second-to-last block (the demo model: its measured best, see
             ``api_tool.demo.DEMO_CLIP_RECOMMENDED``).
         device: "cuda", "mps", "cpu" or ``None`` (CUDA, then MPS, then CPU).
-        enhance_coe, kernel_size: post-processing, see ``api_tool.maps.combine_maps``.
+        enhance_coe, kernel_size: post-processing, see ``api_tool.maps.combine_maps``; ``enhance_coe``
+            ``None``: the paper's 10 (the demo model: its measured best).
         combine: how Psi_cls and Psi_comp make the mask; ``None``: ``"paper"`` (the demo model:
             its measured best).
         cache_size: how many images' features to keep (keyed by image content).
@@ -234,7 +235,7 @@ class ClipAttributor:
         pretrained: str | None = "openai",
         layer: int | None = None,
         device: str | torch.device | None = None,
-        enhance_coe: float = 10.0,
+        enhance_coe: float | None = None,
         kernel_size: int = 3,
         combine: Combine | None = None,
         cache_size: int = 32,
@@ -258,7 +259,7 @@ class ClipAttributor:
         self.layer = resolve_layer(
             layer if layer is not None else recommended["layer"], len(self.blocks), "vision transformer"
         )
-        self.enhance_coe = enhance_coe
+        self.enhance_coe = float(enhance_coe if enhance_coe is not None else recommended["enhance_coe"])
         self.kernel_size = kernel_size
         self.combine: Combine = combine if combine is not None else recommended["combine"]
         combine_maps(np.zeros((2, 2)), np.zeros((2, 2)), combine=self.combine, kernel_size=kernel_size)
@@ -442,11 +443,12 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-PAPER_SETTINGS: dict[str, Any] = {"layer": -2, "combine": "paper"}
+PAPER_SETTINGS: dict[str, Any] = {"layer": -2, "combine": "paper", "enhance_coe": 10.0}
 
 
 def recommended_settings(model_name: str) -> dict[str, Any]:
-    """Default ``layer`` and ``combine``: the paper's, or for ``"demo"`` the demo model's measured best."""
+    """Default ``layer``, ``combine`` and ``enhance_coe``: the paper's, or for ``"demo"`` the demo model's
+    measured best."""
     if model_name == "demo":
         from api_tool.demo.clip_model import DEMO_CLIP_RECOMMENDED
 

@@ -1,7 +1,7 @@
 """The demo CLIP: a small open_clip ViT trained by the project on synthetic scenes, shipped as weights.
 
 Architecture (``DEMO_CLIP_ARCHITECTURE``): a standard open_clip ``CLIP`` whose image tower is a
-``VisionTransformer`` (patch 16 at 224 px, 14x14 grid, width 192, 6 blocks, CLS-token pooling,
+``VisionTransformer`` (patch 16 at 288 px, 18x18 grid, width 192, 6 blocks, CLS-token pooling,
 ``ln_post`` and ``proj``), so the API maths can decompose its CLS token exactly as for ViT-L-14-336;
 the text tower is 3 blocks of width 128 with a 32-token context.
 
@@ -10,7 +10,11 @@ a compact vocabulary: the BPE ids of every word the scene language uses (``scene
 padding, an unknown-word id, start and end. Any text tokenizes; BPE pieces outside the kept set become
 the unknown id. The end token has the largest compact id, so open_clip's argmax text pooling finds it.
 
-Images: the model was trained on scenes letterboxed into 224x224 with the OpenAI mean colour as
+Training (``api_tool.demo.train_clip``) has two stages: the model is trained at 224 px (14x14 grid),
+then refined at 288 px with its positional embeddings resized, which lets small objects on letterboxed
+non-square canvases cover whole patches.
+
+Images: the model was trained on scenes letterboxed into the square input with the OpenAI mean colour as
 padding (as ``api_tool.geometry.Letterbox`` does), normalised with OpenAI's mean and std; the model's
 ``visual.preprocess_cfg`` records this.
 
@@ -45,16 +49,17 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEMO_CLIP_ARCHITECTURE: dict[str, Any] = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 224, "patch_size": 16, "width": 192, "layers": 6, "head_width": 64, "mlp_ratio": 4.0},
+    "vision_cfg": {"image_size": 288, "patch_size": 16, "width": 192, "layers": 6, "head_width": 64, "mlp_ratio": 4.0},
     "text_cfg": {"context_length": 32, "width": 128, "heads": 2, "layers": 3, "mlp_ratio": 4.0},
 }
 
-DEMO_CLIP_RECOMMENDED: dict[str, Any] = {"layer": -1, "combine": "cls"}
+DEMO_CLIP_RECOMMENDED: dict[str, Any] = {"layer": -1, "combine": "cls", "enhance_coe": 3.0}
 """Attribution settings that point best with this model (``ClipAttributor("demo", **DEMO_CLIP_RECOMMENDED)``).
 
 Chosen on a development set of held-out scenes (seeds 2,000,000+, disjoint from the benchmark's):
-Psi_cls alone beats the paper's merge (the inverted Psi_comp is a large-CLIP effect), and the last
-block points better than the paper's second-to-last on this 6-block model. Measured numbers:
+Psi_cls alone beats the paper's merge (the inverted Psi_comp is a large-CLIP effect), the last block
+points better than the paper's second-to-last on this 6-block model, and a softer sigmoid (3 instead
+of the paper's 10) keeps several strong cells from saturating to ties. Measured numbers:
 ``benchmarks/demo_clip_quality.py``.
 """
 
@@ -122,7 +127,7 @@ def scene_token_ids() -> list[int]:
 
 
 def build_demo_clip(vocab_size: int, architecture: dict[str, Any] | None = None) -> open_clip.CLIP:
-    """The demo CLIP with random weights, its ``preprocess_cfg`` set (224 px, OpenAI mean/std)."""
+    """The demo CLIP with random weights, its ``preprocess_cfg`` set (input side, OpenAI mean/std)."""
     arch = architecture if architecture is not None else DEMO_CLIP_ARCHITECTURE
     text_cfg = {**arch["text_cfg"], "vocab_size": vocab_size}
     model = open_clip.CLIP(

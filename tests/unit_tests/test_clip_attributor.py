@@ -289,7 +289,10 @@ def test_default_settings_paper_for_real_models_measured_best_for_demo(clip_toke
 
     tiny = ClipAttributor("tiny", model=build_tiny_clip(), tokenizer=clip_tokenizer, device="cpu")
     assert tiny.layer == 1 and tiny.combine == "paper"  # 3 blocks: the paper's -2 is block 1
+    assert tiny.enhance_coe == 10.0
     demo = ClipAttributor("demo", device="cpu")
     assert demo.layer == DEMO_CLIP_RECOMMENDED["layer"] % len(demo.blocks)
     assert demo.combine == DEMO_CLIP_RECOMMENDED["combine"]
-    assert ClipAttributor("demo", device="cpu", layer=-2, combine="paper").combine == "paper"
+    assert demo.enhance_coe == DEMO_CLIP_RECOMMENDED["enhance_coe"]
+    chosen = ClipAttributor("demo", device="cpu", layer=-2, combine="paper", enhance_coe=10.0)
+    assert (chosen.layer, chosen.combine, chosen.enhance_coe) == (len(demo.blocks) - 2, "paper", 10.0)

@@ -474,6 +474,15 @@ def test_modes_and_options_are_checked(tmp_path: Path) -> None:
         build_attributor("self", RuleTarget())
 
 
+def test_attributor_settings_reach_the_registry_attributor() -> None:
+    from api_tool.demo import DEMO_CLIP_RECOMMENDED
+
+    default = build_attributor("demo", RuleTarget(), device="cpu")
+    chosen = build_attributor("demo", RuleTarget(), device="cpu", combine="paper", enhance_coe=10.0)
+    assert default.enhance_coe == DEMO_CLIP_RECOMMENDED["enhance_coe"]  # type: ignore[attr-defined]
+    assert (chosen.combine, chosen.enhance_coe) == ("paper", 10.0)  # type: ignore[attr-defined]
+
+
 def test_map_cache_serves_prefetched_maps_from_one_batch(tmp_path: Path) -> None:
     calls: list[int] = []
     batches: list[list[Any]] = []
