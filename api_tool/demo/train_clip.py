@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -60,6 +59,7 @@ from api_tool.demo.clip_model import (
     load_demo_clip,
     save_demo_clip,
 )
+from api_tool.demo.flags import parse_config
 from api_tool.demo.scenes import (
     COLOUR_NAMES,
     SHAPES,
@@ -476,11 +476,7 @@ def train(config: TrainConfig) -> dict[str, float]:
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Command-line flags, one per ``TrainConfig`` field (``--aux-weight 0`` turns deep supervision off)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = TrainConfig()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return parse_config(TrainConfig, argv, __doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

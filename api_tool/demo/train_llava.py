@@ -51,7 +51,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -75,6 +74,7 @@ from api_tool.backends.llava import (
     prompt_text,
     split_heads,
 )
+from api_tool.demo.flags import parse_config
 from api_tool.demo.scenes import (
     DEFAULT_CONFIG,
     EXTENT,
@@ -912,10 +912,7 @@ def train(config: TrainConfig) -> dict[str, float]:
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Command-line flags, one per ``TrainConfig`` field."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return parse_config(TrainConfig, argv, __doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,14 +6,22 @@ Random-weight demo CLIPs; no shipped weights, no network.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from api_tool.demo.clip_model import CompactTokenizer, build_demo_clip, load_demo_clip, save_demo_clip
-from api_tool.demo.train_clip import TrainConfig, architecture_for, cosine_lr, load_initial_weights, train
+from api_tool.demo.flags import parse_config
+from api_tool.demo.train_clip import (
+    TrainConfig,
+    architecture_for,
+    cosine_lr,
+    load_initial_weights,
+    parse_args,
+    train,
+)
 from api_tool.errors import InvalidParameterError
 
 
@@ -93,3 +101,18 @@ def test_second_stage_trains_and_records_its_provenance(stage_one: Path, tmp_pat
     assert saved["metadata"]["init"] == {"stage": 1}
     model, _ = load_demo_clip("cpu", tmp_path / "stage2")
     assert model.visual.positional_embedding.shape[0] == 1 + 18 * 18
+
+
+def test_flags_cover_every_config_field() -> None:
+    config = parse_args(["--image-size", "288", "--init", "stage1", "--lr", "5e-4", "--max-seconds", "440"])
+    assert config == TrainConfig(image_size=288, init="stage1", lr=5e-4, max_seconds=440.0)
+    assert parse_args([]) == TrainConfig()
+
+
+def test_flags_need_a_plain_default_for_each_field() -> None:
+    @dataclass(frozen=True)
+    class Flagged:
+        ids: tuple[int, ...] = ()
+
+    with pytest.raises(TypeError, match=r"Flagged\.ids needs an int, float or str default"):
+        parse_config(Flagged, [], None)
