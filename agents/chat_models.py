@@ -24,6 +24,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -525,19 +526,20 @@ class ChatTransformersVLM(BaseChatModel):
         text = ""
         new_tokens = 0
         hold_back = max((len(s) for s in stops), default=1) - 1
-        for text_so_far, token_count in self._generate_in_thread(inputs, generation):
-            text, new_tokens = text_so_far, token_count
-            safe, hit_stop = truncate_at_stop(text, stops)
-            if not hit_stop:
-                safe = text[: max(len(emitted), len(text) - hold_back)]
-            if len(safe) > len(emitted):
-                piece = safe[len(emitted) :]
-                emitted = safe
-                if run_manager:
-                    run_manager.on_llm_new_token(piece)
-                yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
-            if hit_stop:
-                break
+        with closing(self._generate_in_thread(inputs, generation)) as progress:
+            for text_so_far, token_count in progress:
+                text, new_tokens = text_so_far, token_count
+                safe, hit_stop = truncate_at_stop(text, stops)
+                if not hit_stop:
+                    safe = text[: max(len(emitted), len(text) - hold_back)]
+                if len(safe) > len(emitted):
+                    piece = safe[len(emitted) :]
+                    emitted = safe
+                    if run_manager:
+                        run_manager.on_llm_new_token(piece)
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                if hit_stop:
+                    break
         final, hit_stop = truncate_at_stop(text, stops)
         if final.startswith(emitted) and len(final) > len(emitted):
             piece = final[len(emitted) :]
@@ -557,14 +559,20 @@ class ChatTransformersVLM(BaseChatModel):
         )
 
     def _generate_in_thread(self, inputs: dict[str, Any], generation: dict[str, Any]) -> Iterator[tuple[str, int]]:
-        """Run ``generate`` in a worker thread; yield ``(decoded text so far, new token count)``."""
+        """Run ``generate`` in a worker thread; yield ``(decoded text so far, new token count)``.
+
+        Closing the iterator early (a consumer that stops reading) stops generation at the next token
+        and waits for the worker, so the model and its lock are free again when ``close()`` returns.
+        """
         streamer = _TokenQueue()
         failure: list[BaseException] = []
+        cancelled = threading.Event()
+        criteria = _with_cancel(generation.get("stopping_criteria"), cancelled)
 
         def work() -> None:
             try:
                 with model_lock(self.hf_model), torch.inference_mode():
-                    self.hf_model.generate(**inputs, **generation, streamer=streamer)
+                    self.hf_model.generate(**{**inputs, **generation, "stopping_criteria": criteria}, streamer=streamer)
             except BaseException as exc:  # re-raised in the consuming thread
                 failure.append(exc)
                 streamer.end()
@@ -573,12 +581,15 @@ class ChatTransformersVLM(BaseChatModel):
         worker.start()
         tokenizer = self.processor.tokenizer
         ids: list[int] = []
-        for chunk in streamer:
-            ids.extend(chunk)
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):
-                yield text, len(ids)
-        worker.join()
+        try:
+            for chunk in streamer:
+                ids.extend(chunk)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):
+                    yield text, len(ids)
+        finally:
+            cancelled.set()
+            worker.join()
         if failure:
             raise failure[0]
         yield tokenizer.decode(ids, skip_special_tokens=True), len(ids)
@@ -619,6 +630,19 @@ def _stop_criteria(tokenizer: Any, stop: list[str], prompt_tokens: int) -> Any:
             return torch.tensor([any(s in text for s in stop) for text in texts], device=input_ids.device)
 
     return StoppingCriteriaList([StopOnStrings()])
+
+
+def _with_cancel(criteria: Any, cancelled: threading.Event) -> Any:
+    """``criteria`` (a ``StoppingCriteriaList`` or ``None``) plus one that stops once ``cancelled`` is set."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenCancelled(StoppingCriteria):
+        """Ends generation for every sequence once the consumer has gone away."""
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([*(criteria or []), StopWhenCancelled()])
 
 
 def _as_chunk(message: AIMessage) -> AIMessageChunk:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 from functools import cache
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +26,7 @@ from agents.chat_models import (
     tool_call_prefix,
     truncate_at_stop,
 )
+from api_tool.backends.base import model_lock
 from api_tool.demo.tiny_llava import build_tiny_llava_processor
 from api_tool.errors import UnknownModelError, WeightsUnavailableError
 from tests.tiny_models import TinyLlava, tiny_llava
@@ -166,6 +169,28 @@ def test_stream_concatenates_to_the_invoke_output() -> None:
     chunks = list(vlm.stream(messages))
     assert "".join(str(chunk.content) for chunk in chunks) == invoked.content
     assert chunks[-1].usage_metadata == invoked.usage_metadata
+
+
+def test_closing_a_stream_stops_generation_and_frees_the_model() -> None:
+    vlm = tiny_vlm(max_tokens=2000)
+    model = shared_tiny().model
+    saved_eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None  # only max_tokens or the consumer can end it
+    threads_before = threading.active_count()
+    try:
+        stream = vlm.stream([question_with_image("what is here?", noise(9))])
+        first = next(stream)
+        started = time.perf_counter()
+        stream.close()
+        closed_after = time.perf_counter() - started
+        lock = model_lock(model)
+        assert lock.acquire(blocking=False), "the generation thread still holds the model"
+        lock.release()
+    finally:
+        model.generation_config.eos_token_id = saved_eos
+    assert isinstance(first.content, str)
+    assert threading.active_count() == threads_before
+    assert closed_after < 5.0
 
 
 def test_stop_strings_cut_invoke_and_stream_alike() -> None:
