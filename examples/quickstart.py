@@ -1,12 +1,13 @@
 """The main example: attention prompting and self-reflection on the offline demo models.
 
 It draws a synthetic scene (seeded), asks a question about one object, writes the prompted images
-(gray, as in the paper, and a heatmap) and the auxiliary map, lets the demo LLaVA answer, and runs the
-self-reflection loop (first answer -> annotated image -> keep or revise), printing the trace.
+(gray, as in the paper, and a heatmap), says which object the map peaks on (the scene's ground truth is
+known, so a miss shows), lets the demo LLaVA answer, and runs the self-reflection loop (first answer ->
+annotated image -> keep or revise), printing the trace.
 
 Run:
     make example                      # sets up .venv, then runs this script
-    python examples/quickstart.py --out out --seed 7 --question "is there a red circle in the image?"
+    python examples/quickstart.py --out out --seed 3 --question "is there a red circle in the image?"
     python examples/quickstart.py --image photo.jpg --question "what is on the table?" \
         --attributor clip:ViT-L-14-336@openai   # real weights (needs them cached or a connection)
 """
@@ -17,6 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 from transformers.utils import logging as transformers_logging
 
 from agents import ChatTransformersVLM, reflect
@@ -27,7 +29,7 @@ from api_tool.demo.scenes import generate_scene, name_of, with_article
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the PNGs")
-    parser.add_argument("--seed", type=int, default=7, help="which synthetic scene")
+    parser.add_argument("--seed", type=int, default=0, help="which synthetic scene")
     parser.add_argument("--image", default=None, help="use this image instead of a synthetic scene")
     parser.add_argument("--question", default=None, help="default: about one object of the scene")
     parser.add_argument("--attributor", default="demo", help="'demo', 'clip:<open_clip name>@<tag>', 'llava:...'")
@@ -37,6 +39,7 @@ def main() -> None:
     transformers_logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    scene = None
     if args.image is not None:
         image = load_image(args.image)
         question = args.question or "what is in the image?"
@@ -56,6 +59,12 @@ def main() -> None:
     render(image, prompted.mask, "heatmap").save(args.out / "prompted_heatmap.png")
     stages = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in prompted.timings.items())
     print(f"wrote {args.out / 'prompted_gray.png'} and {args.out / 'prompted_heatmap.png'} ({stages})")
+    if scene is not None:
+        row, col = np.unravel_index(int(np.argmax(prompted.mask)), prompted.mask.shape)
+        under = [
+            name_of(obj) for obj in scene.objects if obj.box[0] <= col < obj.box[2] and obj.box[1] <= row < obj.box[3]
+        ]
+        print(f"the map peaks at ({col}, {row}): on the {' / '.join(under) if under else 'background'}")
 
     target = ChatTransformersVLM.from_pretrained(args.target, max_tokens=20)
     tool = AttentionPromptTool(attributor=attributor)

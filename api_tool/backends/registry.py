@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
-from api_tool.backends.base import Attributor
-from api_tool.errors import UnknownModelError
+import torch
+
+from api_tool.backends.base import Attributor, default_device
+from api_tool.errors import InvalidParameterError, UnknownModelError
 
 DEFAULT_SPEC = "demo"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -64,39 +67,93 @@ class AttributorSpec:
         )
 
 
-_cache: dict[tuple[AttributorSpec, tuple[tuple[str, object], ...]], Attributor] = {}
+MODEL_OPTIONS = ("device", "dtype")
+"""Options that choose the loaded model itself; the others (``layer``, ``combine``, ...) only the
+attributor over it, so attributors that differ only in those share one copy of the weights."""
+
+
+@dataclass
+class _Shared:
+    """A loaded model with its tokenizer or processor, and the lock that serialises its loading."""
+
+    lock: threading.Lock
+    loaded: tuple[Any, Any] | None = None
+
+
+_attributors: dict[tuple[AttributorSpec, tuple[tuple[str, str], ...]], Attributor] = {}
+_models: dict[tuple[AttributorSpec, tuple[tuple[str, str], ...]], _Shared] = {}
 _lock = threading.Lock()
 
 
 def get_attributor(spec: str | Attributor | None = None, **options: object) -> Attributor:
     """The attributor for ``spec``, built on first use and shared afterwards.
 
-    ``options`` go to the backend's constructor (``layer``, ``device``, ``combine``...); ``None``
-    values mean the backend's default; different options give a different (also cached) instance.
-    An ``Attributor`` passed in is returned as is.
+    ``options`` go to the backend (``layer``, ``device``, ``combine``...); ``None`` values mean the
+    backend's default. Different options give a different (also cached) attributor, but the weights
+    are loaded once per spec, device and dtype and shared by all of them. Loading one model does not
+    hold up requests for another. An ``Attributor`` passed in is returned as is.
     """
     if spec is not None and not isinstance(spec, str):
         return spec
     parsed = AttributorSpec.parse(spec)
     options = {name: value for name, value in options.items() if value is not None}
-    key = (parsed, tuple(sorted((name, repr(value)) for name, value in options.items())))
+    device = torch.device(options.pop("device")) if "device" in options else default_device()  # type: ignore[arg-type]
+    described = {"device": str(device), **{name: repr(value) for name, value in options.items()}}
+    key = (parsed, tuple(sorted(described.items())))
+    model_key = (parsed, tuple(sorted((n, v) for n, v in described.items() if n in MODEL_OPTIONS)))
     with _lock:
-        if key not in _cache:
-            _cache[key] = _build(parsed, options)
-        return _cache[key]
+        if key in _attributors:
+            return _attributors[key]
+        shared = _models.setdefault(model_key, _Shared(threading.Lock()))
+    with shared.lock:
+        if shared.loaded is None:
+            shared.loaded = _load(parsed, device, options)
+        attributor = _bind(parsed, shared.loaded, device, options)
+    with _lock:
+        return _attributors.setdefault(key, attributor)
 
 
 def clear_cache() -> None:
-    """Forget every shared attributor (frees their models once nothing else holds them)."""
+    """Forget every shared attributor and model (frees the models once nothing else holds them)."""
     with _lock:
-        _cache.clear()
+        _attributors.clear()
+        _models.clear()
 
 
-def _build(spec: AttributorSpec, options: dict[str, object]) -> Attributor:
+def _load(spec: AttributorSpec, device: torch.device, options: dict[str, object]) -> tuple[Any, Any]:
+    """The model (on ``device``) and its tokenizer or processor."""
+    if spec.backend == "llava":
+        from api_tool.backends.llava import load_llava, resolve_dtype
+
+        dtype = resolve_dtype(options.get("dtype"), device)  # type: ignore[arg-type]
+        model, processor = load_llava(spec.model, dtype, layer=options.get("layer"))  # type: ignore[arg-type]
+        return model.to(device), processor
+    if "dtype" in options:
+        raise InvalidParameterError("dtype applies to LLaVA attributors; CLIP attributors run in float32")
+    from api_tool.backends.clip import load_clip
+
+    model, tokenizer, pretrained = load_clip(spec.model, spec.pretrained)
+    return model.to(device), (tokenizer, pretrained)
+
+
+def _bind(
+    spec: AttributorSpec, loaded: tuple[Any, Any], device: torch.device, options: dict[str, object]
+) -> Attributor:
+    """An attributor over the shared model with the attributor-level options."""
+    model, companion = loaded
+    settings = {name: value for name, value in options.items() if name not in MODEL_OPTIONS}
     if spec.backend == "llava":
         from api_tool.backends.llava import LlavaAttributor
 
-        return LlavaAttributor(model=spec.model, **options)  # type: ignore[arg-type]
+        return LlavaAttributor.from_model(model, companion, model_name=spec.model, **settings)  # type: ignore[arg-type]
     from api_tool.backends.clip import ClipAttributor
 
-    return ClipAttributor(spec.model, pretrained=spec.pretrained, **options)  # type: ignore[arg-type]
+    tokenizer, pretrained = companion
+    return ClipAttributor(
+        spec.model,
+        pretrained=pretrained,
+        device=device,
+        model=model,
+        tokenizer=tokenizer,
+        **settings,  # type: ignore[arg-type]
+    )

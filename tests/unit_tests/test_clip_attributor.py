@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,9 @@ from api_tool.backends.clip import (
     resolve_layer,
 )
 from api_tool.backends.registry import AttributorSpec, get_attributor
+from api_tool.demo.scenes import generate_scene
 from api_tool.errors import (
+    InvalidParameterError,
     InvalidQueryError,
     LayerOutOfRangeError,
     UnknownModelError,
@@ -246,6 +249,35 @@ def test_registry_shares_instances_and_rejects_unknown(tiny_clip_attributor: Cli
     assert get_attributor(tiny_clip_attributor) is tiny_clip_attributor
     with pytest.raises(UnknownModelError, match="unknown attributor"):
         get_attributor("resnet-9000")
+
+
+def test_registry_loads_weights_once_per_spec_and_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import api_tool.backends.clip as clip_backend
+    from api_tool.backends import registry
+
+    loads: list[str] = []
+    real_load = clip_backend.load_clip
+
+    def counting_load(model_name: str, pretrained: str | None) -> Any:
+        loads.append(model_name)
+        return real_load(model_name, pretrained)
+
+    monkeypatch.setattr(clip_backend, "load_clip", counting_load)
+    registry.clear_cache()
+    try:
+        default = get_attributor("demo", device="cpu")
+        assert get_attributor("demo", device="cpu", layer=None) is default
+        other_layer = get_attributor("demo", device="cpu", layer=-2, combine="paper")
+        assert other_layer is not default and other_layer.layer != default.layer  # type: ignore[attr-defined]
+        assert other_layer.model is default.model  # type: ignore[attr-defined]
+        assert loads == ["demo"]
+        image = generate_scene(3, size=(64, 48)).image
+        alone = ClipAttributor("demo", device="cpu", layer=-2, combine="paper").attribute(image, "the red circle")
+        np.testing.assert_allclose(other_layer.attribute(image, "the red circle").mask, alone.mask, atol=1e-6)
+        with pytest.raises(InvalidParameterError, match="dtype applies to LLaVA"):
+            get_attributor("clip:ViT-B-32@openai", device="cpu", dtype="float16")
+    finally:
+        registry.clear_cache()
 
 
 def test_concurrent_calls_do_not_mix_captures(tiny_clip_attributor: ClipAttributor) -> None:
