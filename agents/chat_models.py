@@ -23,14 +23,14 @@ import queue
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.model_profile import ModelProfile
@@ -47,6 +47,7 @@ from langchain_core.messages import (
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
+from langchain_core.runnables.config import run_in_executor
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from PIL import Image
@@ -59,6 +60,9 @@ from api_tool.images import load_image
 from api_tool.tool import image_source, is_image_block
 
 DEMO_NAME = "demo"
+GENERATION_THREAD_NAME = "ChatTransformersVLM-generate"
+LOCK_POLL_SECONDS = 0.05
+"""How often a streaming worker that waits for a busy model checks whether its consumer has left."""
 
 _TOOL_NAME_KEYS = ("tool", "name")
 _TOOL_ARGS_KEYS = ("arguments", "parameters", "args")
@@ -511,6 +515,36 @@ class ChatTransformersVLM(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        yield from self._stream_until(threading.Event(), messages, stop, run_manager, **kwargs)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """``_stream`` stepped in worker threads; generation stops when the async consumer stops or is
+        cancelled, also while a step is still waiting in its thread."""
+        cancelled = threading.Event()
+        sync_manager = run_manager.get_sync() if run_manager else None
+        chunks = self._stream_until(cancelled, messages, stop, sync_manager, **kwargs)
+        done = object()
+        try:
+            while (chunk := await run_in_executor(None, next, chunks, done)) is not done:
+                yield chunk  # type: ignore[misc]
+        finally:
+            cancelled.set()
+
+    def _stream_until(
+        self,
+        cancelled: threading.Event,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        run_manager: CallbackManagerForLLMRun | None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        """The chunks of one reply; generation stops early once ``cancelled`` is set."""
         tools = kwargs.get("tools") or []
         if tools and kwargs.get("tool_choice") != "none":
             message = self._generate(messages, stop=stop, run_manager=run_manager, **kwargs).generations[0].message
@@ -526,7 +560,7 @@ class ChatTransformersVLM(BaseChatModel):
         text = ""
         new_tokens = 0
         hold_back = max((len(s) for s in stops), default=1) - 1
-        with closing(self._generate_in_thread(inputs, generation)) as progress:
+        with closing(self._generate_in_thread(inputs, generation, cancelled)) as progress:
             for text_so_far, token_count in progress:
                 text, new_tokens = text_so_far, token_count
                 safe, hit_stop = truncate_at_stop(text, stops)
@@ -558,26 +592,39 @@ class ChatTransformersVLM(BaseChatModel):
             )
         )
 
-    def _generate_in_thread(self, inputs: dict[str, Any], generation: dict[str, Any]) -> Iterator[tuple[str, int]]:
+    def _generate_in_thread(
+        self, inputs: dict[str, Any], generation: dict[str, Any], cancelled: threading.Event
+    ) -> Iterator[tuple[str, int]]:
         """Run ``generate`` in a worker thread; yield ``(decoded text so far, new token count)``.
 
-        Closing the iterator early (a consumer that stops reading) stops generation at the next token
-        and waits for the worker, so the model and its lock are free again when ``close()`` returns.
+        Setting ``cancelled``, or closing the iterator early (a consumer that stops reading), stops
+        generation at the next token, or before it starts if another call holds the model. Closing
+        also waits for the worker, so the model and its lock are free again when ``close()`` returns.
         """
         streamer = _TokenQueue()
         failure: list[BaseException] = []
-        cancelled = threading.Event()
         criteria = _with_cancel(generation.get("stopping_criteria"), cancelled)
 
         def work() -> None:
+            lock = model_lock(self.hf_model)
             try:
-                with model_lock(self.hf_model), torch.inference_mode():
-                    self.hf_model.generate(**{**inputs, **generation, "stopping_criteria": criteria}, streamer=streamer)
+                while not lock.acquire(timeout=LOCK_POLL_SECONDS):
+                    if cancelled.is_set():  # the consumer left while another call held the model
+                        return
+                try:
+                    if not cancelled.is_set():
+                        with torch.inference_mode():
+                            self.hf_model.generate(
+                                **{**inputs, **generation, "stopping_criteria": criteria}, streamer=streamer
+                            )
+                finally:
+                    lock.release()
             except BaseException as exc:  # re-raised in the consuming thread
                 failure.append(exc)
+            finally:
                 streamer.end()
 
-        worker = threading.Thread(target=work, daemon=True)
+        worker = threading.Thread(target=work, name=GENERATION_THREAD_NAME, daemon=True)
         worker.start()
         tokenizer = self.processor.tokenizer
         ids: list[int] = []

@@ -97,6 +97,8 @@ def combine_maps(
     """
     if combine not in COMBINE_MODES:
         raise InvalidParameterError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    if not enhance_coe > 0:
+        raise InvalidParameterError(f"enhance_coe must be positive (10 in the paper), got {enhance_coe}")
     if combine != "cls" and comp is None:
         raise InvalidParameterError(f"combine={combine!r} needs a Psi_comp map; this backend gives only cls")
     if combine in ("paper", "cls"):

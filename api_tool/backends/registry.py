@@ -97,7 +97,12 @@ def get_attributor(spec: str | Attributor | None = None, **options: object) -> A
         return spec
     parsed = AttributorSpec.parse(spec)
     options = {name: value for name, value in options.items() if value is not None}
-    device = torch.device(options.pop("device")) if "device" in options else default_device()  # type: ignore[arg-type]
+    _check_options(parsed, options)
+    device = _normalised_device(options.pop("device", None))  # type: ignore[arg-type]
+    if parsed.backend == "llava":
+        from api_tool.backends.llava import resolve_dtype
+
+        options["dtype"] = resolve_dtype(options.get("dtype"), device)  # type: ignore[arg-type]
     described = {"device": str(device), **{name: repr(value) for name, value in options.items()}}
     key = (parsed, tuple(sorted(described.items())))
     model_key = (parsed, tuple(sorted((n, v) for n, v in described.items() if n in MODEL_OPTIONS)))
@@ -110,6 +115,8 @@ def get_attributor(spec: str | Attributor | None = None, **options: object) -> A
             shared.loaded = _load(parsed, device, options)
         attributor = _bind(parsed, shared.loaded, device, options)
     with _lock:
+        if _models.get(model_key) is not shared:  # clear_cache() ran meanwhile: share nothing stale
+            return attributor
         return _attributors.setdefault(key, attributor)
 
 
@@ -120,6 +127,31 @@ def clear_cache() -> None:
         _models.clear()
 
 
+_CLIP_OPTIONS = frozenset({"layer", "device", "enhance_coe", "kernel_size", "combine", "cache_size"})
+_LLAVA_OPTIONS = frozenset({"layer", "device", "dtype", "max_new_tokens", "enhance_coe", "kernel_size"})
+
+
+def _check_options(spec: AttributorSpec, options: dict[str, object]) -> None:
+    """Refuse option names the backend does not take, before any weights load."""
+    allowed = _LLAVA_OPTIONS if spec.backend == "llava" else _CLIP_OPTIONS
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise InvalidParameterError(
+            f"{spec.backend} attributors take no option {', '.join(map(repr, unknown))}; "
+            f"they take {', '.join(sorted(allowed))}"
+        )
+
+
+def _normalised_device(device: str | torch.device | None) -> torch.device:
+    """The device with its index filled in, so "cuda" and "cuda:0" name one place for the shared weights."""
+    chosen = torch.device(device) if device is not None else default_device()
+    if chosen.type == "cuda" and chosen.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if chosen.type == "mps" and chosen.index is None:
+        return torch.device("mps", 0)
+    return chosen
+
+
 def _load(spec: AttributorSpec, device: torch.device, options: dict[str, object]) -> tuple[Any, Any]:
     """The model (on ``device``) and its tokenizer or processor."""
     if spec.backend == "llava":
@@ -128,8 +160,6 @@ def _load(spec: AttributorSpec, device: torch.device, options: dict[str, object]
         dtype = resolve_dtype(options.get("dtype"), device)  # type: ignore[arg-type]
         model, processor = load_llava(spec.model, dtype, layer=options.get("layer"))  # type: ignore[arg-type]
         return model.to(device), processor
-    if "dtype" in options:
-        raise InvalidParameterError("dtype applies to LLaVA attributors; CLIP attributors run in float32")
     from api_tool.backends.clip import load_clip
 
     model, tokenizer, pretrained = load_clip(spec.model, spec.pretrained)

@@ -28,9 +28,13 @@ binding accuracy: the true caption outscoring its hard negative) and writes ``mo
 ``config.json``. Seeded; runs on CPU too (slowly): ``--device cpu --steps 20 --batch 32 --workers 0``.
 
 Example:
-    python -m api_tool.demo.train_clip --steps 7000 --batch 512 --out /tmp/clip224
-    python -m api_tool.demo.train_clip --init /tmp/clip224 --image-size 288 --lr 5e-4 --steps 6000 \
-        --out api_tool/demo/weights/clip
+    python -m api_tool.demo.train_clip --steps 7000 --batch 512 --max-seconds 450 --out /tmp/clip224
+    python -m api_tool.demo.train_clip --init /tmp/clip224 --image-size 288 --lr 3e-4 --warmup 200 \
+        --steps 9000 --max-seconds 440 --out api_tool/demo/weights/clip
+
+These are the shipped model's two stages (the second stopped by time at step 5,711 on an H200; each
+saved ``config.json`` records its flags and the first stage's). With ``--max-seconds`` the schedule
+depends on the machine's speed, so a rerun elsewhere draws the same data but not the same curve.
 """
 
 from __future__ import annotations

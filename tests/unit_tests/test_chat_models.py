@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import threading
@@ -20,6 +21,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from agents.chat_models import (
+    GENERATION_THREAD_NAME,
     ChatTransformersVLM,
     parse_tool_calls,
     resolve_model_path,
@@ -176,7 +178,6 @@ def test_closing_a_stream_stops_generation_and_frees_the_model() -> None:
     model = shared_tiny().model
     saved_eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = None  # only max_tokens or the consumer can end it
-    threads_before = threading.active_count()
     try:
         stream = vlm.stream([question_with_image("what is here?", noise(9))])
         first = next(stream)
@@ -189,8 +190,58 @@ def test_closing_a_stream_stops_generation_and_frees_the_model() -> None:
     finally:
         model.generation_config.eos_token_id = saved_eos
     assert isinstance(first.content, str)
-    assert threading.active_count() == threads_before
+    assert not generation_threads()
     assert closed_after < 5.0
+
+
+def generation_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == GENERATION_THREAD_NAME]
+
+
+async def test_cancelled_async_stream_gives_up_waiting_for_a_busy_model() -> None:
+    vlm = tiny_vlm(max_tokens=5)
+    model = shared_tiny().model
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_model() -> None:
+        with model_lock(model):
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_model)
+    holder.start()
+    holding.wait(5)
+    try:
+        chunks = vlm.astream([question_with_image("what is here?", noise(10))])
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(anext(chunks), timeout=0.3)
+        deadline = time.perf_counter() + 5.0
+        while generation_threads() and time.perf_counter() < deadline:
+            await asyncio.sleep(0.02)
+        assert not generation_threads(), "the worker still waits for the model"
+        assert holder.is_alive()  # the model was busy the whole time
+    finally:
+        release.set()
+        holder.join()
+
+
+async def test_async_stream_stopped_early_frees_the_model() -> None:
+    vlm = tiny_vlm(max_tokens=2000)
+    model = shared_tiny().model
+    saved_eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        chunks = vlm.astream([question_with_image("what is here?", noise(11))])
+        await anext(chunks)
+        await chunks.aclose()
+        lock = model_lock(model)
+        deadline = time.perf_counter() + 5.0
+        while not lock.acquire(blocking=False):
+            assert time.perf_counter() < deadline, "generation went on after the consumer left"
+            await asyncio.sleep(0.02)
+        lock.release()
+    finally:
+        model.generation_config.eos_token_id = saved_eos
 
 
 def test_stop_strings_cut_invoke_and_stream_alike() -> None:

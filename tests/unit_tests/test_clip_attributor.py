@@ -274,8 +274,40 @@ def test_registry_loads_weights_once_per_spec_and_device(monkeypatch: pytest.Mon
         image = generate_scene(3, size=(64, 48)).image
         alone = ClipAttributor("demo", device="cpu", layer=-2, combine="paper").attribute(image, "the red circle")
         np.testing.assert_allclose(other_layer.attribute(image, "the red circle").mask, alone.mask, atol=1e-6)
-        with pytest.raises(InvalidParameterError, match="dtype applies to LLaVA"):
+        loads.clear()
+        with pytest.raises(InvalidParameterError, match="clip attributors take no option 'dtype'"):
             get_attributor("clip:ViT-B-32@openai", device="cpu", dtype="float16")
+        with pytest.raises(InvalidParameterError, match="no option 'layr'"):
+            get_attributor("clip:ViT-B-32@openai", device="cpu", layr=-1)
+        assert loads == []  # refused before any weights load
+    finally:
+        registry.clear_cache()
+
+
+def test_registry_shares_one_llava_across_dtype_spellings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import api_tool.backends.llava as llava_backend
+    from api_tool.backends import registry
+
+    loads: list[object] = []
+    real_load = llava_backend.load_llava
+
+    def counting_load(model: Any, dtype: torch.dtype, *, layer: int | None = None) -> Any:
+        loads.append(dtype)
+        return real_load(model, dtype, layer=layer)
+
+    monkeypatch.setattr(llava_backend, "load_llava", counting_load)
+    registry.clear_cache()
+    try:
+        spelled = [
+            get_attributor("llava:demo", device="cpu"),
+            get_attributor("llava:demo", device="cpu", dtype="float32"),
+            get_attributor("llava:demo", device="cpu", dtype=torch.float32, layer=1),
+        ]
+        assert loads == [torch.float32]
+        assert spelled[0] is spelled[1] and spelled[2] is not spelled[0]
+        assert spelled[2].model is spelled[0].model  # type: ignore[attr-defined]
+        assert get_attributor("llava:demo", device="cpu", dtype="bfloat16").model is not spelled[0].model  # type: ignore[attr-defined]
+        assert loads == [torch.float32, torch.bfloat16]
     finally:
         registry.clear_cache()
 

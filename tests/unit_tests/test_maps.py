@@ -71,6 +71,9 @@ def test_combine_modes(raw: np.ndarray) -> None:
         combine_maps(raw, comp, combine="average")  # type: ignore[arg-type]
     with pytest.raises(InvalidParameterError, match="needs a Psi_comp"):
         combine_maps(raw, None, combine="paper")
+    for bad in (0.0, -3.0, float("nan")):
+        with pytest.raises(InvalidParameterError, match="enhance_coe must be positive"):
+            combine_maps(raw, None, combine="cls", enhance_coe=bad)
 
 
 def test_soft_or_is_probabilistic_or() -> None:
