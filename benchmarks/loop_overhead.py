@@ -36,11 +36,11 @@ from typing import Any
 import open_clip
 import torch
 from bench_utils import QUESTIONS, environment, median, structured_images, timed, write_json
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from api_tool.backends.clip import ClipAttributor
 from api_tool.backends.llava import LlavaAttributor
-from api_tool.demo.tiny_llava import IMAGE_TOKEN, build_tiny_llava_processor, build_tiny_tokenizer
+from api_tool.demo.tiny_llava import build_tiny_llava_processor, build_tiny_tokenizer, llava_15_config
 
 LLAVA_7B = {
     "vocab_size": 32064,
@@ -89,39 +89,22 @@ def build_llava(
 ) -> LlavaForConditionalGeneration:
     """LLaVA-1.5 wiring with the given sizes and random weights, initialised directly on ``device``."""
     tokenizer = processor.tokenizer
-    vision = CLIPVisionConfig(
-        hidden_size=sizes["vision_hidden"],
-        intermediate_size=sizes["vision_intermediate"],
-        num_hidden_layers=sizes["vision_layers"],
-        num_attention_heads=sizes["vision_heads"],
+    config = llava_15_config(
+        tokenizer,
         image_size=sizes["image_size"],
         patch_size=sizes["patch_size"],
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    text = LlamaConfig(
-        vocab_size=sizes["vocab_size"],
-        hidden_size=sizes["hidden"],
-        intermediate_size=sizes["intermediate"],
-        num_hidden_layers=sizes["layers"],
-        num_attention_heads=sizes["heads"],
-        num_key_value_heads=sizes["kv_heads"],
-        max_position_embeddings=4096,
+        hidden=sizes["hidden"],
+        intermediate=sizes["intermediate"],
+        layers=sizes["layers"],
+        heads=sizes["heads"],
+        kv_heads=sizes["kv_heads"],
+        vision_hidden=sizes["vision_hidden"],
+        vision_intermediate=sizes["vision_intermediate"],
+        vision_layers=sizes["vision_layers"],
+        vision_heads=sizes["vision_heads"],
+        max_positions=4096,
         rms_norm_eps=1e-5,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=(sizes["image_size"] // sizes["patch_size"]) ** 2,
-    )
-    config.pad_token_id = tokenizer.pad_token_id
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -174,6 +175,74 @@ def build_tiny_llava_processor(
     )
 
 
+def llava_15_config(
+    tokenizer: Any,
+    *,
+    image_size: int,
+    patch_size: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vision_hidden: int,
+    vision_intermediate: int,
+    vision_layers: int,
+    vision_heads: int,
+    max_positions: int,
+    rms_norm_eps: float = 1e-6,
+) -> LlavaConfig:
+    """LLaVA-1.5's wiring at any size: a CLIP ViT (quick-GELU) read at its second-to-last layer with the
+    CLS token dropped, a 2-layer GELU projector, and a Llama with ``heads`` query heads over ``kv_heads``
+    key/value heads; vocabulary and special ids from ``tokenizer`` (which must hold ``IMAGE_TOKEN``).
+
+    Example:
+        >>> processor = build_tiny_llava_processor(image_size=32, patch_size=8)
+        >>> config = llava_15_config(processor.tokenizer, image_size=32, patch_size=8, hidden=64, intermediate=128,
+        ...     layers=2, heads=4, kv_heads=2, vision_hidden=32, vision_intermediate=128, vision_layers=2,
+        ...     vision_heads=2, max_positions=512)
+        >>> config.image_seq_length
+        16
+    """
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_intermediate,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_act="quick_gelu",
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=rms_norm_eps,
+        **special,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+    for name, value in special.items():
+        setattr(config, name, value)
+    return config
+
+
 def build_tiny_llava(
     processor: LlavaProcessor,
     *,
@@ -201,41 +270,22 @@ def build_tiny_llava(
         >>> len(model.model.language_model.layers)
         3
     """
-    image_size = image_size or int(processor.image_processor.crop_size["height"])
-    patch_size = patch_size or int(processor.patch_size)
+    config = llava_15_config(
+        processor.tokenizer,
+        image_size=image_size or int(processor.image_processor.crop_size["height"]),
+        patch_size=patch_size or int(processor.patch_size),
+        hidden=hidden,
+        intermediate=2 * hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        vision_hidden=vision_hidden,
+        vision_intermediate=4 * vision_hidden,
+        vision_layers=vision_layers,
+        vision_heads=vision_heads,
+        max_positions=max_positions,
+    )
     tokenizer = processor.tokenizer
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
-    )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    config.pad_token_id = tokenizer.pad_token_id
-    config.bos_token_id = tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
