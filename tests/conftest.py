@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
 from api_tool.backends.clip import ClipAttributor
+from tests.sample_images import noise
 
 
 def build_tiny_clip(seed: int = 0, image_size: int = 64, patch_size: int = 16, layers: int = 3) -> open_clip.CLIP:
@@ -46,5 +46,4 @@ def tiny_clip_attributor(clip_tokenizer: open_clip.tokenizer.SimpleTokenizer) ->
 
 @pytest.fixture
 def noise_image() -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8))
+    return noise(0)

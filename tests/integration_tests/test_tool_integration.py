@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import io
 from typing import Any
 
-import numpy as np
 from langchain_tests.integration_tests import ToolsIntegrationTests
-from PIL import Image
 
 from api_tool.tool import AttentionPromptTool
 from tests.conftest import shared_tiny_attributor
-
-
-def example_png_base64() -> str:
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+from tests.sample_images import noise, png_base64
 
 
 class TestAttentionPromptToolIntegration(ToolsIntegrationTests):
@@ -33,4 +22,4 @@ class TestAttentionPromptToolIntegration(ToolsIntegrationTests):
 
     @property
     def tool_invoke_params_example(self) -> dict[str, Any]:
-        return {"question": "where is the red square?", "image": example_png_base64()}
+        return {"question": "where is the red square?", "image": png_base64(noise(0))}

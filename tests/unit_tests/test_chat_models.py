@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import threading
 import time
 from functools import cache
@@ -31,6 +29,8 @@ from agents.chat_models import (
 from api_tool.backends.base import model_lock
 from api_tool.demo.tiny_llava import build_tiny_llava_processor
 from api_tool.errors import UnknownModelError, WeightsUnavailableError
+from tests.sample_images import noise as sample_noise
+from tests.sample_images import png_base64
 from tests.tiny_models import TinyLlava, tiny_llava
 
 
@@ -45,21 +45,17 @@ def tiny_vlm(**kwargs: Any) -> ChatTransformersVLM:
 
 
 def noise(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return sample_noise(seed, size)
 
 
 def question_with_image(text: str, image: Image.Image, openai_style: bool = False) -> HumanMessage:
     if openai_style:
-        block: dict[str, Any] = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64(image)}"}}
+        block: dict[str, Any] = {
+            "type": "image_url",
+            "image_url": {"url": f"data:image/png;base64,{png_base64(image)}"},
+        }
     else:
-        block = {"type": "image", "base64": png_b64(image), "mime_type": "image/png"}
+        block = {"type": "image", "base64": png_base64(image), "mime_type": "image/png"}
     return HumanMessage([block, {"type": "text", "text": text}])
 
 
@@ -92,7 +88,7 @@ def test_conversation_roles_images_and_tool_turns() -> None:
         ToolMessage(
             content=[
                 {"type": "text", "text": "highlighted"},
-                {"type": "image", "base64": png_b64(second), "mime_type": "image/png"},
+                {"type": "image", "base64": png_base64(second), "mime_type": "image/png"},
             ],
             tool_call_id="c1",
             name="attention_prompt",

@@ -6,7 +6,6 @@ import base64
 import io
 from typing import Any
 
-import numpy as np
 import pytest
 from langchain.agents import create_agent
 from langchain.agents.middleware import ModelRequest, ModelResponse
@@ -23,14 +22,11 @@ from agents.middleware import (
     downscale_image_block,
     hoist_tool_images,
 )
+from tests.sample_images import noise, png_base64
 
 
 def png_b64(size: tuple[int, int], seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return png_base64(noise(seed, size))
 
 
 def image_block(data: str) -> dict[str, Any]:

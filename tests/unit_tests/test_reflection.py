@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 from typing import Any
 
 import numpy as np
@@ -68,10 +66,6 @@ def blocks(message: BaseMessage) -> list[dict[str, Any]]:
 def png_block(image: Image.Image) -> dict[str, Any]:
     data, mime_type = encode_image(image, format="PNG")
     return {"type": "image", "base64": data, "mime_type": mime_type}
-
-
-def decode(block: dict[str, Any]) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(block["base64"]))).convert("RGB")
 
 
 def test_verify_keeps_an_answer_it_confirms() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import time
 from typing import Any
 
@@ -31,21 +30,7 @@ from api_tool.tool import (
     user_image_sources,
 )
 from tests.conftest import shared_tiny_attributor
-
-
-def noise(seed: int, size: tuple[int, int] = (80, 48)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
-
-
-def png_base64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def decode_block(block: dict[str, Any]) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(block["base64"]))).convert("RGB")
+from tests.sample_images import decode_block, noise, png_base64
 
 
 def tool_call(args: dict[str, Any], call_id: str = "call_1") -> dict[str, Any]:
