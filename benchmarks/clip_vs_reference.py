@@ -150,16 +150,17 @@ def worker_ours(args: argparse.Namespace, inputs: dict[str, Any]) -> dict[str, A
     from api_tool.geometry import Letterbox
 
     model = load_state_dict_into(open_clip.create_model(args.model, pretrained=None), Path(inputs["weights"]))
-    attributor = ClipAttributor(
-        model=model,
-        tokenizer=open_clip.get_tokenizer(args.model),
-        model_name=args.model,
-        pretrained=None,
-        layer=args.layer,
-        device="cpu",
-        enhance_coe=args.enhance_coe,
-        kernel_size=args.kernel_size,
-    )
+    settings: dict[str, Any] = {
+        "model": model,
+        "tokenizer": open_clip.get_tokenizer(args.model),
+        "model_name": args.model,
+        "pretrained": None,
+        "layer": args.layer,
+        "device": "cpu",
+        "enhance_coe": args.enhance_coe,
+        "kernel_size": args.kernel_size,
+    }
+    attributor = ClipAttributor(**settings)
     timing_images = [Image.open(path).convert("RGB") for path in inputs["ours_images"]]
     timing_queries = inputs["ours_queries"]
 
@@ -185,17 +186,7 @@ def worker_ours(args: argparse.Namespace, inputs: dict[str, Any]) -> dict[str, A
         def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, Letterbox]:
             return self.pixels, Letterbox.fit((self.side, self.side), self.side)
 
-    same_input = ReferencePixels(
-        model=model,
-        tokenizer=attributor.tokenizer,
-        model_name=args.model,
-        pretrained=None,
-        layer=args.layer,
-        device="cpu",
-        enhance_coe=args.enhance_coe,
-        kernel_size=args.kernel_size,
-        cache_size=0,
-    )
+    same_input = ReferencePixels(**settings, cache_size=0)
     same_tensor = []
     for index, (image, query) in enumerate(zip(parity_images, parity_queries)):
         same_input.pixels = torch.from_numpy(reference["pixels"][index])
