@@ -211,14 +211,14 @@ class ClipAttributor:
             the package (works offline).
         pretrained: an open_clip pretrained tag ("openai", ...), a local checkpoint path, or ``None``
             for random weights (tests). Ignored for ``"demo"``.
-        layer: block index into the visual transformer; negative counts from the end. ``None``: -2,
-            the paper's second-to-last block (the demo model: its measured best, see
-            ``api_tool.demo.DEMO_CLIP_RECOMMENDED``).
+        layer: block index into the visual transformer; negative counts from the end. ``None``: the
+            model's own default if it carries one (``ATTRIBUTION_DEFAULTS_ATTRIBUTE``; the demo CLIP
+            does, see ``api_tool.demo.DEMO_CLIP_RECOMMENDED``), else -2, the paper's second-to-last block.
         device: "cuda", "mps", "cpu" or ``None`` (CUDA, then MPS, then CPU).
         enhance_coe, kernel_size: post-processing, see ``api_tool.maps.combine_maps``; ``enhance_coe``
-            ``None``: the paper's 10 (the demo model: its measured best).
-        combine: how Psi_cls and Psi_comp make the mask; ``None``: ``"paper"`` (the demo model:
-            its measured best).
+            ``None``: the model's own default, else the paper's 10.
+        combine: how Psi_cls and Psi_comp make the mask; ``None``: the model's own default, else
+            ``"paper"``.
         cache_size: how many images' features to keep (keyed by image content).
         model, tokenizer: an already-built open_clip model and its tokenizer, to share one model.
 
@@ -255,7 +255,7 @@ class ClipAttributor:
         self.tokenizer = tokenizer
         self.visual = _checked_visual(self.model, model_name)
         self.blocks = self.visual.transformer.resblocks
-        recommended = recommended_settings(model_name)
+        recommended = recommended_settings(model)
         self.layer = resolve_layer(
             layer if layer is not None else recommended["layer"], len(self.blocks), "vision transformer"
         )
@@ -444,16 +444,16 @@ def image_key(image: Image.Image) -> str:
 
 
 PAPER_SETTINGS: dict[str, Any] = {"layer": -2, "combine": "paper", "enhance_coe": 10.0}
+ATTRIBUTION_DEFAULTS_ATTRIBUTE = "api_attribution_defaults"
+"""A model may carry its own measured best settings in this attribute (a dict with any of ``layer``,
+``combine``, ``enhance_coe``); ``load_demo_clip`` sets it, as the demo LLaVA's config carries
+``api_attribution_layer``."""
 
 
-def recommended_settings(model_name: str) -> dict[str, Any]:
-    """Default ``layer``, ``combine`` and ``enhance_coe``: the paper's, or for ``"demo"`` the demo model's
-    measured best."""
-    if model_name == "demo":
-        from api_tool.demo.clip_model import DEMO_CLIP_RECOMMENDED
-
-        return DEMO_CLIP_RECOMMENDED
-    return PAPER_SETTINGS
+def recommended_settings(model: torch.nn.Module) -> dict[str, Any]:
+    """Default ``layer``, ``combine`` and ``enhance_coe``: the model's own where it carries them, else the
+    paper's."""
+    return {**PAPER_SETTINGS, **getattr(model, ATTRIBUTION_DEFAULTS_ATTRIBUTE, {})}
 
 
 def load_clip(model_name: str, pretrained: str | None) -> tuple[torch.nn.Module, Tokenizer, str | None]:

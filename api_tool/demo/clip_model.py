@@ -205,4 +205,7 @@ def load_demo_clip(
     state = load_file(str(weights))
     model.load_state_dict({name: tensor.float() for name, tensor in state.items()}, strict=True)
     model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
+    from api_tool.backends.clip import ATTRIBUTION_DEFAULTS_ATTRIBUTE
+
+    setattr(model, ATTRIBUTION_DEFAULTS_ATTRIBUTE, dict(DEMO_CLIP_RECOMMENDED))
     return model, tokenizer

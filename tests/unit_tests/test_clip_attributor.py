@@ -18,6 +18,7 @@ from api_tool.backends.clip import (
     resolve_layer,
 )
 from api_tool.backends.registry import AttributorSpec, get_attributor
+from api_tool.demo.clip_model import load_demo_clip
 from api_tool.demo.scenes import generate_scene
 from api_tool.errors import (
     InvalidParameterError,
@@ -358,5 +359,12 @@ def test_default_settings_paper_for_real_models_measured_best_for_demo(clip_toke
     assert demo.layer == DEMO_CLIP_RECOMMENDED["layer"] % len(demo.blocks)
     assert demo.combine == DEMO_CLIP_RECOMMENDED["combine"]
     assert demo.enhance_coe == DEMO_CLIP_RECOMMENDED["enhance_coe"]
+    model, tokenizer = load_demo_clip()
+    renamed = ClipAttributor("my-copy", device="cpu", model=model, tokenizer=tokenizer)
+    assert (renamed.layer, renamed.combine, renamed.enhance_coe) == (demo.layer, demo.combine, demo.enhance_coe)
+    own = build_tiny_clip()
+    own.api_attribution_defaults = {"combine": "comp"}  # type: ignore[assignment]
+    partly = ClipAttributor("tiny", model=own, tokenizer=clip_tokenizer, device="cpu")
+    assert (partly.layer, partly.combine, partly.enhance_coe) == (1, "comp", 10.0)
     chosen = ClipAttributor("demo", device="cpu", layer=-2, combine="paper", enhance_coe=10.0)
     assert (chosen.layer, chosen.combine, chosen.enhance_coe) == (len(demo.blocks) - 2, "paper", 10.0)
