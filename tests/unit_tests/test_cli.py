@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from api_tool.backends.registry import get_attributor
 from api_tool.cli import main
+from api_tool.prompt import attention_prompt
 from tests.conftest import build_tiny_clip
 
 
@@ -41,6 +44,12 @@ def image_path(tmp_path: Path) -> Path:
     return path
 
 
+def in_process(image_path: Path, query: str, model_dir: Path, style: str = "gray") -> np.ndarray:
+    """What the CLI should write: the library's prompted image with the same model and defaults."""
+    attributor = get_attributor(f"local-dir:{model_dir}", device="cpu")
+    return np.asarray(attention_prompt(image_path, query, attributor, style).image)  # type: ignore[arg-type]
+
+
 def test_cli_writes_the_prompted_png(tiny_model_dir: Path, image_path: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out" / "prompted.png"
     status = main([str(image_path), "where is the cat?", "-o", str(out), "--model", f"local-dir:{tiny_model_dir}"])
@@ -53,6 +62,7 @@ def test_cli_writes_the_prompted_png(tiny_model_dir: Path, image_path: Path, tmp
     prompted = np.asarray(written, dtype=np.int32)
     assert (prompted <= original + 1).all()  # gray level 0 only darkens
     assert (prompted != original).any()
+    np.testing.assert_array_equal(prompted, in_process(image_path, "where is the cat?", tiny_model_dir))
 
 
 @pytest.mark.parametrize("style", ["heatmap", "crop", "contour"])
@@ -60,7 +70,7 @@ def test_cli_styles(tiny_model_dir: Path, image_path: Path, tmp_path: Path, styl
     out = tmp_path / f"{style}.png"
     args = [str(image_path), "a dog", "-o", str(out), "--model", f"local-dir:{tiny_model_dir}", "--style", style]
     assert main(args) == 0
-    assert out.exists()
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), in_process(image_path, "a dog", tiny_model_dir, style))
 
 
 @pytest.mark.parametrize(
@@ -89,7 +99,9 @@ def test_console_script_is_installed(tiny_model_dir: Path, image_path: Path, tmp
         [*command, "--model", f"local-dir:{tiny_model_dir}"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert out.exists()
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), in_process(image_path, "a cat", tiny_model_dir))
+    scripts = entry_points(group="console_scripts")
+    assert scripts["api-prompt"].value == "api_tool.cli:main"
 
 
 @pytest.mark.parametrize(

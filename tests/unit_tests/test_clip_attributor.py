@@ -163,10 +163,10 @@ def test_many_queries_cost_one_image_pass(tiny_clip_attributor: ClipAttributor, 
 def test_maps_are_linear_in_the_text_embedding(tiny_clip_attributor: ClipAttributor, noise_image) -> None:
     features = tiny_clip_attributor.image_features(noise_image)
     texts = tiny_clip_attributor.encode_queries(["a cat", "a dog"])
-    mixed = 0.3 * texts[0] + 0.7 * texts[1]
-    combined = features.cls_tokens @ mixed
-    separate = 0.3 * (features.cls_tokens @ texts[0]) + 0.7 * (features.cls_tokens @ texts[1])
-    torch.testing.assert_close(combined, separate, rtol=1e-5, atol=1e-6)
+    cat, dog = tiny_clip_attributor.attribute_many(noise_image, ["a cat", "a dog"])
+    mixed = tiny_clip_attributor._map(features, 0.3 * texts[0] + 0.7 * texts[1], "mixed")
+    np.testing.assert_allclose(mixed.cls, 0.3 * cat.cls + 0.7 * dog.cls, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(mixed.comp, 0.3 * cat.comp + 0.7 * dog.comp, rtol=1e-5, atol=1e-7)
 
 
 def test_letterbox_keeps_pixels_on_their_grid_cells(clip_tokenizer) -> None:
@@ -202,7 +202,11 @@ def test_open_clip_model_by_name_with_random_weights() -> None:
     attributor = ClipAttributor("ViT-B-32", pretrained=None, device="cpu", layer=-2)
     assert attributor.layer == 10 and attributor.side == 224
     amap = attributor.attribute(Image.new("RGB", (30, 20), (10, 200, 30)), "a green field")
-    assert amap.mask.shape == (7, 7)
+    assert amap.mask.shape == (7, 7) and amap.image_size == (30, 20)
+    height = round(20 * 224 / 30)  # 149 rows of image, centred with (224 - 149) // 2 = 37 rows above
+    top = (224 - height) // 2
+    assert amap.grid_box == (0.0, top / 32, 7.0, (top + height) / 32)
+    assert (amap.mask.min(), amap.mask.max()) == (0.0, 1.0)
 
 
 def test_missing_weights_fail_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:

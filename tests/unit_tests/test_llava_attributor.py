@@ -26,6 +26,7 @@ from api_tool.errors import (
     WeightsUnavailableError,
 )
 from api_tool.geometry import Letterbox
+from api_tool.prompt import attention_prompt
 from tests.tiny_models import TinyLlava, attend_to_bright_patches, bright_square_image, tiny_llava
 
 QUESTION = "What is the colour of the circle?"
@@ -329,7 +330,11 @@ def test_cli_writes_a_prompted_image_with_a_local_llava(
     bright_square_image((120, 80), (40, 20, 80, 60)).save(image_path)
     argv = [str(image_path), QUESTION, "-o", str(output), "--backend", "llava", "--model"]
     status = main([*argv, str(saved_llava.directory), "--layer", "1", "--device", "cpu"])
-    assert status == 0 and Image.open(output).size == (120, 80)
+    assert status == 0
+    expected = attention_prompt(
+        image_path, QUESTION, LlavaAttributor(model=saved_llava.directory, layer=1, device="cpu")
+    ).image
+    np.testing.assert_array_equal(np.asarray(Image.open(output)), np.asarray(expected))
     assert "first answer:" in capsys.readouterr().out
     assert main([*argv, str(saved_llava.directory), "--layer", "9", "--device", "cpu"]) == 2
     assert "out of range" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 from api_tool.demo.scenes import (
     BACKGROUNDS,
     COLOURS,
+    PLURALS,
     POPE_SPLITS,
     SHAPES,
     Layouts,
@@ -189,9 +190,14 @@ def test_questions_agree_with_ground_truth(scenes: list) -> None:
                 colour = q.question.split()[-2]
                 assert [o.shape for o in scene.objects if o.colour == colour] == [q.answer]
             elif q.type == "count":
-                assert int(q.answer) == len(q.targets)
-                if q.question == "how many objects are there?":
-                    assert int(q.answer) == len(scene.objects)
+                counted = q.question.removeprefix("how many ").removesuffix(" are there?")
+                if counted == "objects":
+                    expected = len(scene.objects)
+                elif counted.endswith(" objects"):
+                    expected = sum(o.colour == counted.split()[0] for o in scene.objects)
+                else:
+                    expected = sum(PLURALS[o.shape] == counted for o in scene.objects)
+                assert int(q.answer) == expected, q.question
             else:
                 assert q.type == "position"
                 a, b = (next(o for o in scene.objects if o.name == t) for t in q.targets)
