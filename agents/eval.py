@@ -1052,8 +1052,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if needs_maps
             else None
         )
-        settings = [f"{name}={value}" for name, value in (("combine", args.combine), ("enhance_coe", args.enhance_coe))]
-        chosen = [setting for setting in settings if not setting.endswith("=None")]
+        settings = (("combine", args.combine), ("enhance_coe", args.enhance_coe))
+        chosen = [f"{name}={value}" for name, value in settings if value is not None]
         label = f"{args.attributor} ({', '.join(chosen)})" if chosen else args.attributor
         report = evaluate(
             items,

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -127,13 +128,20 @@ def clear_cache() -> None:
         _models.clear()
 
 
-_CLIP_OPTIONS = frozenset({"layer", "device", "enhance_coe", "kernel_size", "combine", "cache_size"})
-_LLAVA_OPTIONS = frozenset({"layer", "device", "dtype", "max_new_tokens", "enhance_coe", "kernel_size"})
-
-
 def _check_options(spec: AttributorSpec, options: dict[str, object]) -> None:
-    """Refuse option names the backend does not take, before any weights load."""
-    allowed = _LLAVA_OPTIONS if spec.backend == "llava" else _CLIP_OPTIONS
+    """Refuse option names the backend does not take, before any weights load.
+
+    The accepted names are the backend's own keyword arguments, less those the registry fills in.
+    """
+    if spec.backend == "llava":
+        from api_tool.backends.llava import LlavaAttributor
+
+        taken = {*inspect.signature(LlavaAttributor.from_model).parameters, *MODEL_OPTIONS}
+        allowed = taken - {"model", "processor", "model_name"}
+    else:
+        from api_tool.backends.clip import ClipAttributor
+
+        allowed = set(inspect.signature(ClipAttributor).parameters) - {"model_name", "pretrained", "model", "tokenizer"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise InvalidParameterError(
