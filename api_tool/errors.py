@@ -40,12 +40,24 @@ class RemoteImageNotAllowedError(ImageLoadError):
     """An http(s) URL was given but remote loading was not enabled."""
 
 
+class ImagePathNotAllowedError(ImageLoadError):
+    """A file path came from a model (a tool argument) and lies outside the directories the tool may read."""
+
+
 class InvalidQueryError(ApiPromptingError, ValueError):
     """The text query is empty, blank or not a string."""
 
 
 class InvalidParameterError(ApiPromptingError, ValueError):
     """A numeric or named option is outside its allowed values (kernel size, style, combine mode...)."""
+
+
+class OutputPathError(InvalidParameterError):
+    """The output path cannot be written: it is the input image, a directory, or has no image format."""
+
+
+class DeviceUnavailableError(InvalidParameterError):
+    """The requested torch device (``cuda``, ``mps``, ``cuda:3``...) does not exist on this machine."""
 
 
 class UnknownModelError(ApiPromptingError, ValueError):
@@ -80,6 +92,10 @@ class DatasetError(ApiPromptingError, ValueError):
 class EvalOutputError(ApiPromptingError, ValueError):
     """The evaluation output directory holds results that do not belong to this run (another target or
     attributor, or earlier results without ``--resume``)."""
+
+
+class EvalOutputLockedError(EvalOutputError):
+    """Another evaluation run is writing to the same output directory; the message names its process."""
 
 
 class EvalRunError(ApiPromptingError, RuntimeError):

@@ -12,6 +12,11 @@ from PIL import Image
 from api_tool.backends.clip import ClipAttributor
 from tests.sample_images import noise
 
+TINY_CLIP_MAP_TERMS = 256
+"""About how many float32 terms the sums behind one tiny-CLIP map entry hold (width 48 over 17 tokens,
+then a 32-wide projection and a dot product): two correct paths (batch vs loop, fast vs literal, AVX2 vs
+AVX-512) may differ within that sum's rounding band, scaled by the map's magnitude."""
+
 
 def build_tiny_clip(seed: int = 0, image_size: int = 64, patch_size: int = 16, layers: int = 3) -> open_clip.CLIP:
     """A random-weight open_clip CLIP small enough for CPU tests (4x4 grid at 64 px by default)."""

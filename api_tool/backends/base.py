@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from api_tool.errors import InvalidQueryError, LayerOutOfRangeError
+from api_tool.errors import DeviceUnavailableError, InvalidQueryError, LayerOutOfRangeError
 from api_tool.images import ImageRef
 from api_tool.maps import AttributionMap
 
@@ -44,6 +44,44 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def available_devices() -> list[str]:
+    """The torch devices this machine has, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (``None``: the best available), or ``DeviceUnavailableError`` naming the
+    devices that exist when ``device`` is malformed or absent from this machine.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if device is None:
+        return default_device()
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceUnavailableError(
+            f"{device!r} is not a torch device; use one of {', '.join(available_devices())}"
+        ) from None
+    present = (
+        chosen.type == "cpu"
+        or (chosen.type == "cuda" and torch.cuda.is_available() and (chosen.index or 0) < torch.cuda.device_count())
+        or (chosen.type == "mps" and str(chosen) in ("mps", "mps:0") and "mps" in available_devices())
+    )
+    if not present:
+        raise DeviceUnavailableError(
+            f"device {str(chosen)!r} is not available on this machine; available: {', '.join(available_devices())}"
+        )
+    return chosen
 
 
 def resolve_layer(layer: int, num_blocks: int, what: str = "transformer") -> int:

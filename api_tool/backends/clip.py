@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from api_tool.backends.base import check_query, default_device, model_lock, resolve_layer
+from api_tool.backends.base import check_query, model_lock, resolve_device, resolve_layer
 from api_tool.errors import (
     InvalidQueryError,
     UnknownModelError,
@@ -243,7 +243,7 @@ class ClipAttributor:
         model: torch.nn.Module | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         if model is None:
             model, tokenizer, pretrained = load_clip(model_name, pretrained)
         elif tokenizer is None:

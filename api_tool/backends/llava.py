@@ -63,7 +63,7 @@ import transformers
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, PretrainedConfig
 
-from api_tool.backends.base import check_query, default_device, model_lock, resolve_layer
+from api_tool.backends.base import check_query, model_lock, resolve_device, resolve_layer
 from api_tool.errors import (
     FocusNotFoundError,
     ImageTokenError,
@@ -318,7 +318,7 @@ class LlavaAttributor:
         enhance_coe: float = 10.0,
         kernel_size: int = 3,
     ) -> None:
-        target = torch.device(device) if device is not None else default_device()
+        target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         loaded, processor = load_llava(model, torch_dtype, layer=layer)
         self._bind(loaded.to(target), processor, str(model), layer, max_new_tokens, enhance_coe, kernel_size)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from api_tool.backends.base import Attributor, default_device
+from api_tool.backends.base import Attributor, resolve_device
 from api_tool.errors import InvalidParameterError, UnknownModelError
 
 DEFAULT_SPEC = "demo"
@@ -152,7 +152,7 @@ def _check_options(spec: AttributorSpec, options: dict[str, object]) -> None:
 
 def _normalised_device(device: str | torch.device | None) -> torch.device:
     """The device with its index filled in, so "cuda" and "cuda:0" name one place for the shared weights."""
-    chosen = torch.device(device) if device is not None else default_device()
+    chosen = resolve_device(device)
     if chosen.type == "cuda" and chosen.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     if chosen.type == "mps" and chosen.index is None:

@@ -29,7 +29,9 @@ from api_tool.errors import (
     WeightsUnavailableError,
 )
 from api_tool.maps import combine_maps
+from tests.conftest import TINY_CLIP_MAP_TERMS as MAP_TERMS
 from tests.conftest import build_tiny_clip
+from tests.tolerances import assert_sums_close
 
 
 @torch.no_grad()
@@ -116,10 +118,10 @@ def test_linearized_layer_norm_parts_sum_to_layer_norm() -> None:
 def test_fast_maps_equal_literal_formulas(tiny_clip_attributor: ClipAttributor, noise_image: Image.Image) -> None:
     amap = tiny_clip_attributor.attribute(noise_image, "where is the red circle?")
     cls_literal, comp_literal = literal_psi(tiny_clip_attributor, noise_image, "where is the red circle?")
-    np.testing.assert_allclose(amap.cls, cls_literal, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(amap.comp, comp_literal, rtol=1e-4, atol=1e-6)
-    expected_mask = combine_maps(cls_literal, comp_literal, combine="paper", enhance_coe=10.0, kernel_size=3)
-    np.testing.assert_allclose(amap.mask, expected_mask, atol=1e-4)
+    assert_sums_close(amap.cls, cls_literal, n_terms=MAP_TERMS)
+    assert_sums_close(amap.comp, comp_literal, n_terms=MAP_TERMS)
+    expected_mask = combine_maps(amap.cls, amap.comp, combine="paper", enhance_coe=10.0, kernel_size=3)
+    np.testing.assert_array_equal(amap.mask, expected_mask)
 
 
 def test_layer_choice_changes_the_map(clip_tokenizer, noise_image: Image.Image) -> None:
@@ -141,8 +143,8 @@ def test_batch_equals_loop(tiny_clip_attributor: ClipAttributor) -> None:
     tiny_clip_attributor._cache.clear()
     looped = [tiny_clip_attributor.attribute(image, query) for image, query in zip(images, queries)]
     for got, want in zip(batched, looped):
-        np.testing.assert_allclose(got.cls, want.cls, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got.comp, want.comp, rtol=1e-5, atol=1e-6)
+        assert_sums_close(got.cls, want.cls, n_terms=MAP_TERMS)
+        assert_sums_close(got.comp, want.comp, n_terms=MAP_TERMS)
         assert got.grid_box == want.grid_box and got.image_size == want.image_size
 
 
@@ -156,7 +158,7 @@ def test_many_queries_cost_one_image_pass(tiny_clip_attributor: ClipAttributor, 
     finally:
         handle.remove()
     assert len(calls) == 1
-    np.testing.assert_allclose(many[3].cls, again.cls, rtol=1e-5, atol=1e-7)
+    assert_sums_close(many[3].cls, again.cls, n_terms=MAP_TERMS)
     assert not np.allclose(many[0].cls, many[1].cls)
 
 
@@ -165,8 +167,8 @@ def test_maps_are_linear_in_the_text_embedding(tiny_clip_attributor: ClipAttribu
     texts = tiny_clip_attributor.encode_queries(["a cat", "a dog"])
     cat, dog = tiny_clip_attributor.attribute_many(noise_image, ["a cat", "a dog"])
     mixed = tiny_clip_attributor._map(features, 0.3 * texts[0] + 0.7 * texts[1], "mixed")
-    np.testing.assert_allclose(mixed.cls, 0.3 * cat.cls + 0.7 * dog.cls, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(mixed.comp, 0.3 * cat.comp + 0.7 * dog.comp, rtol=1e-5, atol=1e-7)
+    assert_sums_close(mixed.cls, 0.3 * cat.cls + 0.7 * dog.cls, n_terms=MAP_TERMS)
+    assert_sums_close(mixed.comp, 0.3 * cat.comp + 0.7 * dog.comp, n_terms=MAP_TERMS)
 
 
 def test_letterbox_keeps_pixels_on_their_grid_cells(clip_tokenizer) -> None:
@@ -327,7 +329,7 @@ def test_concurrent_calls_do_not_mix_captures(tiny_clip_attributor: ClipAttribut
     with ThreadPoolExecutor(max_workers=4) as pool:
         got = list(pool.map(lambda image: tiny_clip_attributor.attribute(image, "a cat").cls, images))
     for a, b in zip(got, expected):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert_sums_close(a, b, n_terms=MAP_TERMS)
 
 
 def test_trimmed_text_pass_equals_the_full_one(tiny_clip_attributor: ClipAttributor) -> None:
@@ -337,7 +339,7 @@ def test_trimmed_text_pass_equals_the_full_one(tiny_clip_attributor: ClipAttribu
         full = tiny_clip_attributor.model.encode_text(tokens)
         trimmed = encode_text_trimmed(tiny_clip_attributor.model, tokens)
     assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]
-    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-6)
+    assert_sums_close(trimmed, full, n_terms=MAP_TERMS)
 
 
 def test_without_cache_every_call_runs_the_image(clip_tokenizer, noise_image) -> None:
