@@ -1,38 +1,90 @@
-"""``api-prompt``: the command line front of ``attention_prompt``. Thin: it parses and calls.
+"""``api-prompt``: the command line front of ``attention_prompt``. Thin: it parses, loads the model once
+and writes what the library returns.
 
 Usage:
-    api-prompt IMAGE QUESTION -o OUT.png [--backend clip|llava] [--model demo|ViT-L-14-336|...]
-               [--pretrained openai|PATH] [--layer -2] [--style gray|heatmap|crop|contour]
-               [--combine paper|cls|comp|comp_inverted] [--gray-level 0] [--device cpu|cuda]
+    api-prompt IMAGE QUESTION -o OUT.png                 one image, one question, one PNG
+    api-prompt IMAGE... QUESTION -o OUT_DIR              several images (paths, folders or globs)
+    api-prompt IMAGE... -q QUESTION [-q QUESTION ...] -o OUT_DIR [--json]
+               [--backend clip|llava] [--model demo|ViT-L-14-336|...] [--pretrained openai|PATH]
+               [--layer -2] [--style gray|heatmap|crop|contour] [--combine paper|cls|comp|comp_inverted]
+               [--gray-level 0] [--device cpu|cuda] [--allow-remote] [--overwrite]
 
     api-prompt eval --synthetic all --target demo --modes plain,api,verify --out eval-out
                (the evaluation harness, ``agents.eval``; ``api-prompt eval --help``)
 
-Bad input exits with status 2 and a one-line message.
+One process and one model load serve every image and question; each image is encoded once for all
+its questions. Beside every prompted image goes a JSON summary (where the map peaks in pixels, the
+attended box, the timings); ``--json`` prints them all. Exit status: 0 when every map was written,
+2 when some input was bad (one line each on stderr; the rest is still done), 1 on an internal error.
+Only this module's own light imports run before the arguments are parsed, so ``--help`` and usage
+errors answer at once; torch and the model load only when there is work.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from api_tool.errors import ApiPromptingError
+from api_tool.errors import ApiPromptingError, OutputPathError, RemoteImageNotAllowedError
 from api_tool.maps import COMBINE_MODES
 from api_tool.render import STYLES
+
+if TYPE_CHECKING:
+    from api_tool.backends.base import Attributor
+    from api_tool.prompt import PromptedImage
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+OUTPUT_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+BOX_THRESHOLD = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``api-prompt``."""
     parser = argparse.ArgumentParser(
         prog="api-prompt",
-        description="Attention Prompting on Image: fade what the question does not point at.",
+        description="Attention Prompting on Image: fade what the question does not point at. "
+        "'api-prompt eval --help' describes the evaluation harness.",
     )
-    parser.add_argument("image", help="image path (PNG, JPEG, ...)")
-    parser.add_argument("question", help="the question or text query")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="where to write the prompted PNG")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="IMAGE... QUESTION",
+        help="image paths, folders, globs or http(s) URLs, then the question (unless -q gives the questions)",
+    )
+    parser.add_argument(
+        "-q",
+        "--question",
+        action="append",
+        dest="questions",
+        metavar="QUESTION",
+        help="a question to ask of every image (repeat for several); then every positional is an image",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="the prompted image's path for one image and one question (.png, .jpg, .webp; no suffix: PNG), "
+        "else a folder (created) that receives IMAGE_STEM[_qN].png and a .json summary beside each",
+    )
+    parser.add_argument("--json", action="store_true", help="print every map's summary as one JSON document")
+    parser.add_argument("--overwrite", action="store_true", help="allow writing over an input image")
+    parser.add_argument("--allow-remote", action="store_true", help="let IMAGE be an http(s) URL and download it")
     parser.add_argument("--backend", choices=("clip", "llava"), default="clip", help="auxiliary model family")
     parser.add_argument(
         "--model",
@@ -49,8 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gray-level", type=int, default=0, help="gray of faded regions, 0..255")
     parser.add_argument("--enhance-coe", type=float, default=None, help="sigmoid sharpening coefficient")
     parser.add_argument("--kernel-size", type=int, default=None, help="odd mean-filter size on the grid")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)")
     return parser
+
+
+@dataclass
+class Job:
+    """One image with the questions to ask of it and where each prompted image goes."""
+
+    image: str
+    outputs: list[Path]
+
+
+@dataclass
+class Report:
+    """What a run did: one summary per written map, one line per bad input."""
+
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def refuse(self, message: str) -> None:
+        """Record a bad input and print its one line."""
+        self.errors.append(message)
+        print(f"api-prompt: error: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,17 +139,146 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--combine and --pretrained apply to the clip backend only")
     if args.pretrained is not None and (args.model == "demo" or args.model.startswith("local-dir:")):
         parser.error("--pretrained applies to open_clip model names, not to 'demo' or local-dir: models")
+    if args.questions is None:
+        if len(args.inputs) < 2:
+            parser.error("give at least one IMAGE and then the QUESTION (or the questions with -q)")
+        *image_refs, question = args.inputs
+        questions = [question]
+    else:
+        image_refs, questions = args.inputs, args.questions
+    report = Report()
+    images = expand_images(image_refs, report, allow_remote=args.allow_remote)
     try:
-        return _run(args)
-    except (ApiPromptingError, OSError) as exc:
-        print(f"api-prompt: error: {exc}", file=sys.stderr)
+        jobs = plan_outputs(images, len(questions), args.output, overwrite=args.overwrite, report=report)
+    except OutputPathError as exc:
+        report.refuse(str(exc))
         return 2
+    if jobs:
+        try:
+            _run(args, jobs, questions, report)
+        except (ApiPromptingError, OSError) as exc:  # the model could not be had: nothing can be done
+            report.refuse(str(exc))
+    if args.json:
+        print(json.dumps({"maps": report.summaries, "errors": report.errors}, indent=2))
+    return 2 if report.errors or not jobs else 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def expand_images(refs: Sequence[str], report: Report, *, allow_remote: bool) -> list[str]:
+    """Paths, folders (their image files, sorted) and globs turned into image references, in order and
+    without repeats; each reference that names nothing is reported and left out."""
+    found: dict[str, None] = {}
+    for ref in refs:
+        if ref.startswith(("http://", "https://")):
+            if allow_remote:
+                found[ref] = None
+            else:
+                report.refuse(f"{ref[:80]!r} is a remote URL; pass --allow-remote to download it, or download it first")
+            continue
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                report.refuse(f"the folder {ref!r} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found.update((str(p), None) for p in inside)
+        elif path.exists() or not glob.has_magic(ref):
+            found[str(path)] = None  # a missing file is reported when it is loaded, with the loader's message
+        else:
+            matches = sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
+            if not matches:
+                report.refuse(f"the pattern {ref!r} matches no file")
+            found.update((match, None) for match in matches)
+    return list(found)
+
+
+def output_format(path: Path) -> str:
+    """The Pillow format for an output path's suffix (no suffix: PNG), or ``OutputPathError``."""
+    if not path.suffix:
+        return "PNG"
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OutputPathError(
+            f"-o {str(path)!r}: cannot write the image format {path.suffix!r}; "
+            f"use one of {', '.join(sorted(OUTPUT_FORMATS))} (or a folder for several images or questions)"
+        )
+    return fmt
+
+
+def plan_outputs(
+    images: Sequence[str], n_questions: int, output: Path, *, overwrite: bool, report: Report
+) -> list[Job]:
+    """Where each map goes: ``output`` itself for one image and one question (unless it is a folder),
+    else ``output/IMAGE_STEM.png`` (``IMAGE_STEM_qN.png`` for several questions) with repeated stems
+    numbered. An output that would replace an input image is refused unless ``overwrite``."""
+    single = len(images) == 1 and n_questions == 1 and not output.is_dir() and not str(output).endswith(("/", "\\"))
+    if single:
+        output_format(output)
+        planned = [Job(images[0], [output])]
+    else:
+        if output.exists() and not output.is_dir():
+            raise OutputPathError(
+                f"-o {str(output)!r} is a file, but {len(images)} image(s) x {n_questions} question(s) need a folder"
+            )
+        planned, stems = [], set()
+        for image in images:
+            stem = Path(image).stem if not image.startswith(("http://", "https://")) else Path(image.split("?")[0]).stem
+            stem = stem or "image"
+            unique, number = stem, 2
+            while unique in stems:
+                unique, number = f"{stem}_{number}", number + 1
+            stems.add(unique)
+            names = [f"{unique}.png"] if n_questions == 1 else [f"{unique}_q{k}.png" for k in range(1, n_questions + 1)]
+            planned.append(Job(image, [output / name for name in names]))
+    inputs = {Path(image).resolve() for image in images if Path(image).exists()}
+    jobs = []
+    for job in planned:
+        clash = next((path for path in job.outputs if path.resolve() in inputs), None)
+        if clash is not None and not overwrite:
+            report.refuse(
+                f"-o would write {str(clash)!r} over an input image; choose another output or pass --overwrite"
+            )
+            continue
+        jobs.append(job)
+    return jobs
+
+
+def _run(args: argparse.Namespace, jobs: Sequence[Job], questions: Sequence[str], report: Report) -> None:
     from api_tool.backends.registry import get_attributor
-    from api_tool.prompt import attention_prompt
+    from api_tool.images import load_image
 
+    spec, options = _spec_and_options(args)
+    start = time.perf_counter()
+    attributor = get_attributor(spec, **options)
+    model_seconds = time.perf_counter() - start
+    print(f"model {spec} loaded in {model_seconds * 1000:.0f} ms", file=sys.stderr if args.json else sys.stdout)
+    for job in jobs:
+        load_start = time.perf_counter()
+        try:
+            image = load_image(job.image, allow_remote=args.allow_remote)
+        except RemoteImageNotAllowedError:
+            report.refuse(f"{job.image[:80]!r} is a remote URL; pass --allow-remote to download it")
+            continue
+        except (ApiPromptingError, OSError) as exc:
+            report.refuse(f"{job.image}: {exc}")
+            continue
+        load_seconds = time.perf_counter() - load_start
+        for question, output in zip(questions, job.outputs):
+            try:
+                result = _prompt(image, question, attributor, args)
+                write_seconds = _write(result, output)
+            except (ApiPromptingError, OSError) as exc:
+                report.refuse(f"{job.image} / {question!r}: {exc}")
+                continue
+            timings = {"load": load_seconds, **result.timings, "write": write_seconds}
+            timings.pop("total", None)
+            summary = map_summary(result, image=job.image, question=question, output=output, model=spec)
+            summary["timings"] = {stage: round(seconds, 6) for stage, seconds in timings.items()}
+            output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+            report.summaries.append(summary)
+            if not args.json:
+                _print_line(summary)
+
+
+def _spec_and_options(args: argparse.Namespace) -> tuple[str, dict[str, object]]:
     options: dict[str, object] = {"device": args.device}
     for name in ("layer", "enhance_coe", "kernel_size"):
         if getattr(args, name) is not None:
@@ -85,26 +287,60 @@ def _run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-        spec = f"llava:{args.model}"
-    else:
-        spec = "demo" if args.model == "demo" else f"clip:{args.model}@{args.pretrained or 'openai'}"
-        if args.model.startswith("local-dir:"):
-            spec = args.model
-        if args.combine is not None:
-            options["combine"] = args.combine
+        return f"llava:{args.model}", options
+    if args.combine is not None:
+        options["combine"] = args.combine
+    if args.model == "demo" or args.model.startswith("local-dir:"):
+        return args.model, options
+    return f"clip:{args.model}@{args.pretrained or 'openai'}", options
+
+
+def _prompt(image: Any, question: str, attributor: Attributor, args: argparse.Namespace) -> PromptedImage:
+    from api_tool.prompt import attention_prompt
+
+    return attention_prompt(image, question, attributor, args.style, gray_level=args.gray_level)
+
+
+def _write(result: PromptedImage, output: Path) -> float:
     start = time.perf_counter()
-    attributor = get_attributor(spec, **options)
-    model_seconds = time.perf_counter() - start
-    result = attention_prompt(args.image, args.question, attributor, args.style, gray_level=args.gray_level)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(args.output)
-    timings = {"model": model_seconds, **result.timings}
-    stages = ", ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in timings.items())
-    print(f"wrote {args.output} ({result.image.width}x{result.image.height}, {spec}); {stages}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(output, format=output_format(output))
+    return time.perf_counter() - start
+
+
+def map_summary(result: PromptedImage, *, image: str, question: str, output: Path, model: str) -> dict[str, Any]:
+    """A JSON-ready description of one map: where it peaks in pixels (``x``, ``y`` of the mask's
+    maximum), the attended box (``mask >= 0.5``, as ``x0, y0, x1, y1``), sizes and settings."""
+    import numpy as np
+
+    from api_tool.render import attention_box
+
+    mask = result.mask
+    row, col = np.unravel_index(int(np.argmax(mask)), mask.shape)
+    summary: dict[str, Any] = {
+        "image": image,
+        "question": question,
+        "output": str(output),
+        "model": model,
+        "image_size": list(result.original.size),
+        "grid": list(result.map.grid_shape),
+        "peak": {"x": int(col), "y": int(row), "value": round(float(mask[row, col]), 6)},
+        "box": list(attention_box(mask, threshold=BOX_THRESHOLD, margin=0.0)),
+        "attended_fraction": round(float((mask >= BOX_THRESHOLD).mean()), 6),
+    }
     answer = result.map.metadata.get("answer")
-    if answer:
-        print(f"first answer: {answer}")
-    return 0
+    if answer is not None:
+        summary["answer"] = answer
+    return summary
+
+
+def _print_line(summary: dict[str, Any]) -> None:
+    stages = ", ".join(f"{stage} {seconds * 1000:.0f} ms" for stage, seconds in summary["timings"].items())
+    width, height = summary["image_size"]
+    peak = summary["peak"]
+    print(f"wrote {summary['output']} ({width}x{height}); peak at x={peak['x']}, y={peak['y']}; {stages}")
+    if "answer" in summary:
+        print(f"first answer: {summary['answer']}")
 
 
 if __name__ == "__main__":
