@@ -1,8 +1,9 @@
 """Attention prompting as a LangChain tool: ``AttentionPromptTool`` (name ``attention_prompt``).
 
-The model passes a ``question`` and, optionally, an ``image``; without one the tool takes the most
+The model passes a ``question`` and, optionally, an ``image``; left empty, the tool takes the most
 recent image the user sent in the conversation (read from the agent state through an injected
-``ToolRuntime``, so the model never copies base64 into a call). The tool answers with
+``ToolRuntime``, so the model never copies base64 into a call). Every argument is a plain JSON-schema
+``string``, so clients that drop ``anyOf`` (Ollama) still send a typed schema. The tool answers with
 ``response_format="content_and_artifact"``:
 
 * content (sent to the model): a short text (what was highlighted, with which backend, how long it
@@ -10,15 +11,25 @@ recent image the user sent in the conversation (read from the agent state throug
 * artifact (kept in the ``ToolMessage``, never sent): the pixel-size mask, the ``AttributionMap``
   and the parameters used.
 
-Bad input (no image, unreadable image, empty question, bad option) raises ``ToolException`` with a
-message the model can act on; ``handle_tool_error=True`` turns it into an error ``ToolMessage``.
+Which images the model may name: the user's images in the conversation (``conversation:N``), data
+URIs and base64 strings; ``http(s)`` URLs only with ``allow_remote=True``; file paths only inside
+``allowed_dirs`` (empty by default, so a prompt-injected document cannot make the agent read a local
+file and send it to the model's provider). A path is resolved with ``~`` expanded and symlinks followed
+and must name an existing file inside one of the (resolved) allowed directories; ``file:`` URIs are
+refused. A refused path raises ``ImagePathNotAllowedError`` (reported to the model as an error telling it
+to use the conversation's images). Python code calling ``annotate`` directly is trusted with any path.
+
+Bad input (no image, unreadable or refused image, empty question, bad option) raises ``ToolException``
+with a message the model can act on; ``handle_tool_error=True`` turns it into an error ``ToolMessage``.
+Arguments that do not fit the schema (no ``question``, a non-string) become an error ``ToolMessage``
+too, naming the argument and what it should be (``handle_validation_error=validation_error_message``).
 The attributor is resolved once, on first use, through ``api_tool.backends.registry`` and shared.
 
 Example:
     >>> from api_tool.tool import AttentionPromptTool
-    >>> tool = AttentionPromptTool(attributor="demo", max_side=512)  # doctest: +SKIP
+    >>> tool = AttentionPromptTool(attributor="demo", max_side=512, allowed_dirs=["img"])  # doctest: +SKIP
     >>> message = tool.invoke({"type": "tool_call", "id": "1", "name": "attention_prompt",
-    ...                        "args": {"image": "photo.jpg", "question": "what is on the table?"}})  # doctest: +SKIP
+    ...                        "args": {"image": "img/a.jpg", "question": "what is on the table?"}})  # doctest: +SKIP
     >>> message.content[1]["type"], message.artifact["mask"].shape  # doctest: +SKIP
     ('image', (480, 640))
 """
@@ -30,6 +41,7 @@ import inspect
 import re
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from langchain.tools import ToolRuntime
@@ -37,11 +49,18 @@ from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackMan
 from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.tools import ArgsSchema, BaseTool, InjectedToolArg, ToolException
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic.v1 import ValidationError as ValidationErrorV1
 
-from api_tool.backends.base import Attributor
+from api_tool.backends.base import Attributor, check_query
 from api_tool.backends.registry import get_attributor
-from api_tool.errors import ApiPromptingError, ImageLoadError, InvalidParameterError
+from api_tool.errors import (
+    ApiPromptingError,
+    ImageLoadError,
+    ImagePathNotAllowedError,
+    InvalidParameterError,
+    NotAnImageError,
+)
 from api_tool.images import ImageRef, encode_image, load_image
 from api_tool.maps import AttributionMap
 from api_tool.prompt import PromptedImage, attention_prompt
@@ -57,6 +76,14 @@ TOOL_DESCRIPTION = (
 IMAGE_BLOCK_TYPES = frozenset({"image", "image_url"})
 _CONVERSATION_REF = re.compile(r"^\s*(?:conversation|image)\s*[:#]?\s*(?P<index>-?\d+)\s*$", re.IGNORECASE)
 _LATEST_REFS = frozenset({"", "latest", "last", "conversation", "current", "the image", "user image"})
+# The strings ``load_image`` reads as a URL or a data URI before it tries them as a path (same tests, same case),
+# and its test for base64 (which it tries as a path first, so the tool wraps base64 as a data URI).
+_REMOTE_PREFIXES = ("http://", "https://")
+_DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,")
+_BASE64_TEXT = re.compile(r"^[A-Za-z0-9+/=\s_-]{32,}$")
+_USE_CONVERSATION = (
+    "Leave `image` empty to use the latest image the user sent, or pass 'conversation:N' for the N-th one."
+)
 
 
 class AttentionPromptInput(BaseModel):
@@ -67,15 +94,50 @@ class AttentionPromptInput(BaseModel):
     question: str = Field(
         description="The user's question (or the thing to look for), e.g. 'what colour is the car on the left?'"
     )
-    image: str | None = Field(
-        default=None,
+    image: str = Field(
+        default="",
         description=(
-            "Which image to annotate. Leave out to use the most recent image the user sent. Or "
-            "'conversation:N' for the N-th image the user sent (1 = first, -1 = latest), or a file path, "
-            "data URI or base64 string."
+            "Which image to annotate. Leave empty to use the most recent image the user sent. Or "
+            "'conversation:N' for the N-th image the user sent (1 = first, -1 = latest), or a data URI or "
+            "base64 string. File paths are read only from directories the developer allowed."
         ),
     )
     runtime: Annotated[ToolRuntime | None, InjectedToolArg] = None
+
+    @field_validator("question")
+    @classmethod
+    def _check_question(cls, value: str) -> str:
+        return check_query(value)
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _none_is_the_latest_image(cls, value: object) -> object:
+        return "" if value is None else value
+
+
+def validation_error_message(error: ValidationError | ValidationErrorV1) -> str:
+    """The error text the model reads when its arguments do not fit ``AttentionPromptInput``: each problem,
+    named by argument, with what that argument should be (``handle_validation_error`` of the tool).
+
+    Example:
+        >>> try:
+        ...     AttentionPromptInput.model_validate({})
+        ... except ValidationError as error:
+        ...     print(validation_error_message(error))  # doctest: +ELLIPSIS
+        attention_prompt was called with invalid arguments: `question` is required (The user's question ...
+    """
+    problems = []
+    for detail in error.errors():
+        name = ".".join(str(part) for part in detail["loc"])
+        if detail["type"] == "missing":
+            problem = f"`{name}` is required"
+        else:
+            problem = f"`{name}`: {str(detail['msg']).removeprefix('Value error, ')}"
+        field = AttentionPromptInput.model_fields.get(name)
+        if field is not None and field.description:
+            problem += f" ({field.description})"
+        problems.append(problem)
+    return f"{TOOL_NAME} was called with invalid arguments: {'; '.join(problems)}. Call it again with them fixed."
 
 
 def is_image_block(block: object) -> bool:
@@ -200,6 +262,11 @@ class AttentionPromptTool(BaseTool):
         max_side: longest side of the returned image in pixels (``None``: the original size).
         image_format: ``"PNG"`` or ``"JPEG"`` for the returned image.
         allow_remote: let ``image`` be an ``http(s)`` URL.
+        allowed_dirs: directories the model may name image files in (default none: every path in a tool
+            call is refused with ``ImagePathNotAllowedError``). Each is resolved once, at construction
+            (``~`` expanded, symlinks followed, must exist); a path in a call is resolved the same way and
+            must be an existing file inside one of them, so ``..``, symlinks pointing out and ``file:``
+            URIs are refused. Images the user sent, data URIs and base64 strings need no permission.
 
     Example:
         >>> from langchain.agents import create_agent  # doctest: +SKIP
@@ -211,6 +278,9 @@ class AttentionPromptTool(BaseTool):
     args_schema: ArgsSchema | None = AttentionPromptInput
     response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
     handle_tool_error: bool | str | Callable[[ToolException], str] | None = True
+    handle_validation_error: bool | str | Callable[[ValidationError | ValidationErrorV1], str] | None = (
+        validation_error_message
+    )
 
     attributor: Any = None
     attributor_options: dict[str, Any] = Field(default_factory=dict)
@@ -219,6 +289,7 @@ class AttentionPromptTool(BaseTool):
     max_side: int | None = Field(default=768, ge=1)
     image_format: Literal["PNG", "JPEG"] = "PNG"
     allow_remote: bool = False
+    allowed_dirs: list[Path] = Field(default_factory=list)
 
     _backend: Attributor | None = PrivateAttr(default=None)
     _backend_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -232,6 +303,20 @@ class AttentionPromptTool(BaseTool):
             f"attributor must be an Attributor, a spec string such as 'demo', or None; got {type(value).__name__}"
         )
 
+    @field_validator("allowed_dirs")
+    @classmethod
+    def _resolve_allowed_dirs(cls, value: list[Path]) -> list[Path]:
+        resolved = []
+        for directory in value:
+            try:
+                path = directory.expanduser().resolve(strict=True)
+            except (OSError, RuntimeError):  # missing, a symlink loop, "~user" of no known user
+                path = None
+            if path is None or not path.is_dir():
+                raise InvalidParameterError(f"allowed_dirs: {str(directory)!r} is not an existing directory")
+            resolved.append(path)
+        return resolved
+
     @property
     def backend(self) -> Attributor:
         """The attributor, resolved (and for a spec, loaded through the shared registry) on first use."""
@@ -242,7 +327,8 @@ class AttentionPromptTool(BaseTool):
 
     def annotate(self, image: ImageRef, question: str, *, answer: str | None = None) -> PromptedImage:
         """The prompted image for ``question``; with ``answer`` and a backend that scores answers (LLaVA),
-        the map is the one of generating that answer.
+        the map is the one of generating that answer. The caller is trusted: ``image`` may be any path
+        (``allowed_dirs`` only limits the paths a model names in a tool call).
 
         Raises the package's errors (``ImageLoadError``, ``InvalidQueryError``...) on bad input.
 
@@ -307,18 +393,18 @@ class AttentionPromptTool(BaseTool):
         if index is None:
             assert image is not None
             try:
-                return load_image(image, allow_remote=self.allow_remote), "the given image"
+                return self._load_named_image(image), "the given image"
+            except ImagePathNotAllowedError as exc:
+                raise ToolException(str(exc)) from exc
             except ImageLoadError as exc:
-                raise ToolException(
-                    f"could not load the image: {exc}. Leave `image` out to use the image the user sent."
-                ) from exc
+                raise ToolException(f"could not load the image: {exc}. {_USE_CONVERSATION}") from exc
         state = runtime.state if runtime is not None else None
         messages = state.get("messages", []) if isinstance(state, dict) else getattr(state, "messages", [])
         sources = user_image_sources(messages)
         if not sources:
             raise ToolException(
-                "no image was given and the conversation holds no user image; pass `image` as a file path, "
-                "data URI or base64 string, or ask the user to send the image"
+                "no image was given and the conversation holds no user image; pass `image` as a data URI or "
+                "base64 string, or ask the user to send the image"
             )
         if not -len(sources) <= index < len(sources):
             raise ToolException(
@@ -331,3 +417,40 @@ class AttentionPromptTool(BaseTool):
             raise ToolException(f"the image in the conversation could not be loaded: {exc}") from exc
         position = index + 1 if index >= 0 else len(sources) + index + 1
         return loaded, f"user image {position} of {len(sources)} in the conversation"
+
+    def _load_named_image(self, reference: str) -> Image.Image:
+        """The image a tool call names. Only a URL, data URI or base64 string reaches ``load_image`` as text
+        (base64 wrapped as a data URI, so it is never looked up as a file name); anything else is a path,
+        checked by ``_allowed_path`` and passed on resolved."""
+        text = reference.strip()
+        if text.startswith(_REMOTE_PREFIXES) or _DATA_URI.match(text):
+            return load_image(text, allow_remote=self.allow_remote)
+        if _BASE64_TEXT.match(text):
+            try:
+                return load_image(f"data:image/png;base64,{text}")
+            except ImageLoadError as exc:
+                raise NotAnImageError(
+                    f"{text[:60]!r} holds only base64 characters, so it was read as a base64 image: {exc}"
+                ) from exc
+        return load_image(self._allowed_path(text))
+
+    def _allowed_path(self, text: str) -> Path:
+        """The resolved file ``text`` names when it lies inside ``allowed_dirs``, else
+        ``ImagePathNotAllowedError`` (also for a missing file, so a refusal tells nothing about the disk)."""
+        if text[:5].lower() == "file:":
+            raise ImagePathNotAllowedError(f"file: URIs are not accepted ({text[:200]!r}). {_USE_CONVERSATION}")
+        if not self.allowed_dirs:
+            raise ImagePathNotAllowedError(
+                f"{text[:200]!r} is a file path, and this tool reads no files named in a tool call. {_USE_CONVERSATION}"
+            )
+        try:
+            path = Path(text).expanduser().resolve(strict=True)
+        except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, unknown "~user", a NUL byte
+            path = None
+        if path is None or not any(path.is_relative_to(directory) for directory in self.allowed_dirs):
+            directories = ", ".join(str(directory) for directory in self.allowed_dirs)
+            raise ImagePathNotAllowedError(
+                f"{text[:200]!r} is not an existing file inside the directories this tool may read "
+                f"({directories}). {_USE_CONVERSATION}"
+            )
+        return path

@@ -173,7 +173,7 @@ def test_conversation_references() -> None:
         ({"question": "x"}, [HumanMessage("text only")], "no image was given"),
         ({"question": "x", "image": "conversation:3"}, "two", "holds 2 user image(s)"),
         ({"question": "x", "image": "conversation:0"}, "two", "start at 1"),
-        ({"question": "x", "image": "missing/file.png"}, None, "image file not found"),
+        ({"question": "x", "image": "missing/file.png"}, None, "this tool reads no files named in a tool call"),
         ({"question": "x", "image": "https://example.com/a.png"}, None, "remote image URLs are disabled"),
         (
             {"question": "x", "image": base64.b64encode(b"not an image at all, just text").decode()},
@@ -354,3 +354,44 @@ def test_missing_weights_reach_the_agent_as_an_error_message(monkeypatch: pytest
     message = tool.invoke(call)
     assert isinstance(message, ToolMessage) and message.status == "error"
     assert "not in the local cache" in message.content
+
+
+QUESTION_HELP = "The user's question (or the thing to look for)"
+
+
+@pytest.mark.parametrize("args", [{}, {"image": "conversation:1"}])
+def test_a_missing_question_is_an_error_message_naming_it(tool: AttentionPromptTool, args: dict[str, Any]) -> None:
+    message = tool.invoke(tool_call(args))
+    assert isinstance(message, ToolMessage) and message.status == "error" and message.tool_call_id == "call_1"
+    assert message.content.startswith("attention_prompt was called with invalid arguments: `question` is required")
+    assert QUESTION_HELP in message.content
+
+
+async def test_async_missing_question_is_an_error_message(tool: AttentionPromptTool) -> None:
+    message = await tool.ainvoke(tool_call({}))
+    assert message.status == "error" and "`question` is required" in message.content
+
+
+@pytest.mark.parametrize(
+    ("question", "fragment"),
+    [
+        (3, "`question`: Input should be a valid string"),
+        ("", "`question`: the query is empty; ask a question about the image, e.g. 'where is the cat?'"),
+        ("  \n ", "`question`: the query is empty"),
+    ],
+)
+def test_a_bad_question_is_reported_before_the_image_is_looked_for(
+    tool: AttentionPromptTool, question: object, fragment: str
+) -> None:
+    message = tool.invoke(tool_call({"question": question}))
+    assert message.status == "error"
+    assert fragment in message.content and QUESTION_HELP in message.content
+    assert "no image was given" not in message.content
+
+
+def test_inside_create_agent_the_model_reads_which_argument_is_missing(tool: AttentionPromptTool) -> None:
+    model = ScriptedChatModel(responses=[call({}, "c1"), AIMessage("done")], received=[])
+    result = create_agent(model, [tool]).invoke({"messages": [user_message("where is the cat?", noise(8))]})
+    (tool_message,) = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert tool_message.status == "error" and "`question` is required" in tool_message.content
+    assert model.received[1][-1].content == tool_message.content
