@@ -194,16 +194,31 @@ def parse_item(record: object, where: str, base_dir: Path, default_id: str) -> E
 
 
 def _json_records(source: Path) -> Iterator[tuple[int, str, Any]]:
-    """``(line number, "file:line", parsed JSON)`` for each non-blank line; bad JSON names its line."""
-    with source.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    """``(line number, "file:line", parsed JSON)`` for each non-blank line.
+
+    Lines end at ``\n`` (JSON Lines; a ``\r`` before it is dropped) and are decoded one by one, so bytes
+    that are not UTF-8 and invalid JSON are reported with their line, and invalid JSON with its column
+    (counted in characters from 1, the line terminator excluded).
+    """
+    with source.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             where = f"{source}:{number}"
             try:
-                yield number, where, json.loads(line)
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(
+                    f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line); "
+                    "save it as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise DatasetError(
+                    f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+                ) from None
+            yield number, where, record
 
 
 def load_jsonl(path: str | os.PathLike[str], limit: int | None = None) -> list[EvalItem]:

@@ -22,7 +22,9 @@ Resumable: every answer is appended to ``OUT/results.jsonl`` (one line per (item
 synced) as soon as it comes; ``--resume`` skips the pairs already there, so an interrupted run (Ctrl-C, a
 crash, an API error) continues where it stopped and nothing done is lost. A run whose target fails stops
 after saving every answer it got. ``OUT/run.json`` records the target and attributor; resuming with others
-is refused.
+is refused. One run writes to ``OUT`` at a time: a run holds an OS lock on ``OUT/eval.lock``
+(:func:`lock_output`), and a second run (or a ``--resume``) on the same ``OUT`` meanwhile is refused at once,
+naming the holder's pid, host and start time. The lock dies with its process, so a killed run can be resumed.
 
 Outputs in ``OUT``: ``results.jsonl``; ``report.json`` and ``report.md`` (accuracy, exact and normalised
 match, POPE per split, changes against the first answer with right->wrong and wrong->right counts, per
@@ -51,11 +53,13 @@ import html
 import io
 import json
 import os
+import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,7 +83,13 @@ from agents.metrics import (
 from agents.prompts import STRATEGIES
 from agents.reflection import default_tool, image_data_uri, reflect
 from api_tool.backends.base import Attributor
-from api_tool.errors import ApiPromptingError, EvalOutputError, EvalRunError, InvalidParameterError
+from api_tool.errors import (
+    ApiPromptingError,
+    EvalOutputError,
+    EvalOutputLockedError,
+    EvalRunError,
+    InvalidParameterError,
+)
 from api_tool.images import ImageRef, load_image
 from api_tool.maps import COMBINE_MODES, AttributionMap
 from api_tool.prompt import attention_prompt
@@ -97,6 +107,12 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 GALLERY_HTML = "gallery.html"
 THUMBS_DIR = "thumbs"
+LOCK_FILE = "eval.lock"
+"""The file in ``OUT`` that a running evaluation holds an OS lock on (it names the holder)."""
+_LOCK_RECORD_BYTES = 512
+"""The holder's details are padded with spaces to this size, so a shorter record overwrites a longer one."""
+_WINDOWS_LOCK_OFFSET = 1 << 30
+"""Where the lock byte lies on Windows: past the holder's details, which other processes must still read."""
 LOCAL_MAX_TOKENS = 64
 """New-token budget of a local transformers target built from a spec, unless ``--max-tokens`` says."""
 _RUN_IDENTITY = ("target", "attributor", "data", "style", "gray_level", "system_prompt", "rounds")
@@ -240,13 +256,20 @@ class ResultsLog:
                 handle.truncate(complete)
             raw = raw[:complete]
         latest: dict[tuple[str, str], dict[str, Any]] = {}
-        for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        # Split on "\n" only: an answer may hold U+2028 or U+0085, which json.dumps leaves unescaped.
+        for number, data in enumerate(raw.split(b"\n")[:-1], start=1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise EvalOutputError(f"{self.path}:{number}: not UTF-8; fix or remove that line") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise EvalOutputError(f"{self.path}:{number}: not valid JSON ({exc.msg}); fix or remove it") from None
+                raise EvalOutputError(
+                    f"{self.path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix or remove it"
+                ) from None
             if not isinstance(record, dict) or "id" not in record or "mode" not in record:
                 raise EvalOutputError(f"{self.path}:{number}: not a result record (needs 'id' and 'mode')")
             latest[(str(record["id"]), str(record["mode"]))] = record
@@ -267,6 +290,95 @@ class ResultsLog:
                 handle.flush()
                 os.fsync(handle.fileno())
             self.records.append(record)
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per output folder.
+# ----------------------------------------------------------------------------------------------
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive OS lock on ``fd`` without waiting; ``False`` when another open file holds it.
+
+    POSIX: ``flock`` on the whole file (per open file description, so even a second open in the same
+    process is refused). Windows: ``msvcrt.locking`` on one byte at :data:`_WINDOWS_LOCK_OFFSET`. Either
+    lock goes away with its process, however it ends.
+    """
+    if sys.platform == "win32":
+        import msvcrt
+
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    """Release the lock :func:`_try_lock` took (on POSIX closing ``fd`` releases it as well)."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock, as the lock file records it ("pid P on HOST, started TIME")."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 1 << 16).decode("utf-8", "replace")
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):  # the holder has not written its details yet
+        return "its pid is not recorded yet"
+
+
+@contextmanager
+def lock_output(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the exclusive lock on an output folder for the block: one writer per ``results.jsonl``.
+
+    The lock is an OS lock on ``folder/eval.lock`` (see :func:`_try_lock`), so it vanishes with its process
+    even when that is killed: a lock file left behind blocks nothing, and kill-then-``--resume`` works.
+    While held, the file records the holder's pid, host and start time (UTC) for the refusal message.
+    The file is left in place afterwards (removing it could let two writers lock two different files).
+
+    Raises ``EvalOutputLockedError`` at once, naming the holder, when another run holds the folder.
+
+    Example:
+        >>> with lock_output("eval-out"):  # doctest: +SKIP
+        ...     ...  # write eval-out/results.jsonl
+    """
+    path = Path(folder) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _try_lock(fd):
+            raise EvalOutputLockedError(
+                f"{Path(folder)} is being written by another eval run ({_lock_holder(fd)}); wait for it to "
+                "finish or stop it (then rerun with --resume), or choose another --out"
+            )
+        try:
+            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, holder.ljust(_LOCK_RECORD_BYTES).encode("utf-8"))
+            yield path
+        finally:
+            _unlock(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +472,34 @@ def run_modes(modes: Sequence[str]) -> tuple[str, ...]:
     if any(mode in REFLECTION_MODES for mode in chosen) and "plain" not in chosen:
         chosen.insert(0, "plain")
     return tuple(sorted(chosen, key=MODES.index))
+
+
+@contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """Hide the progress bars of transformers and huggingface_hub (``from_pretrained``'s "Loading weights"
+    or "Loading checkpoint shards", downloads) inside the block, then set each library back as it was.
+
+    Both settings are process-wide: bars of other threads are hidden while the block runs.
+
+    Example:
+        >>> with quiet_progress_bars():  # doctest: +SKIP
+        ...     target = build_target("demo")  # loads without a progress bar
+    """
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    transformers_on = transformers_logging.is_progress_bar_enabled()
+    hub_off = hub_utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # huggingface_hub's bars too
+    try:
+        yield
+    finally:
+        if transformers_on:
+            transformers_logging.enable_progress_bar()  # huggingface_hub's bars too
+        if hub_off:
+            hub_utils.disable_progress_bars()
+        else:
+            hub_utils.enable_progress_bars()
 
 
 class _Progress:
@@ -869,8 +1009,12 @@ def evaluate(
         target_name, attributor_name, data_name: how the run is named in ``run.json`` and reports
             (resuming requires the same target and attributor names).
 
-    Raises ``EvalRunError`` after saving every answer obtained when the target fails, and
-    ``EvalOutputError`` when ``out_dir`` holds a different run.
+    The run holds the lock on ``out_dir`` (:func:`lock_output`) from before reading earlier results until
+    the reports are written.
+
+    Raises ``EvalRunError`` after saving every answer obtained when the target fails,
+    ``EvalOutputLockedError`` when another run is writing to ``out_dir`` (at once, before asking anything),
+    and ``EvalOutputError`` when ``out_dir`` holds a different run.
 
     Example:
         >>> report = evaluate(synthetic_items("all", 100), ChatTransformersVLM.from_pretrained("demo"),
@@ -888,40 +1032,41 @@ def evaluate(
         raise InvalidParameterError("item ids must be unique")
     folder = Path(out_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    log = ResultsLog(folder / RESULTS_FILE)
-    records = list(log.load())
-    identity = {
-        "target": target_name or describe_target(target),
-        "attributor": attributor_name or (describe_attributor_name(attributor) if attributor is not None else None),
-        "data": data_name,
-        "style": settings.style,
-        "gray_level": settings.gray_level,
-        "system_prompt": settings.system_prompt,
-        "rounds": settings.rounds,
-    }
-    _check_run_file(folder / RUN_FILE, identity, resume, bool(records))
-    (folder / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
-    done = log.done
-    plain = {str(r["id"]): str(r["answer"]) for r in records if r["mode"] == "plain"}
-    pending = [
-        (item, [mode for mode in chosen_modes if (item.id, mode) not in done])
-        for item in items
-        if any((item.id, mode) not in done for mode in chosen_modes)
-    ]
-    start = time.perf_counter()
-    runner = _Runner(target, attributor, settings, log, folder / THUMBS_DIR, identity)
-    try:
-        runner.run(pending, plain)
-    finally:
-        run = {
-            **identity,
-            "items": len(items),
-            "modes": list(chosen_modes),
-            "answered": len(log.records) - len(records),
-            "wall_seconds": time.perf_counter() - start,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    with lock_output(folder):
+        log = ResultsLog(folder / RESULTS_FILE)
+        records = list(log.load())
+        identity = {
+            "target": target_name or describe_target(target),
+            "attributor": attributor_name or (describe_attributor_name(attributor) if attributor is not None else None),
+            "data": data_name,
+            "style": settings.style,
+            "gray_level": settings.gray_level,
+            "system_prompt": settings.system_prompt,
+            "rounds": settings.rounds,
         }
-        report = write_reports(folder, log.records, items, chosen_modes, run, settings)
+        _check_run_file(folder / RUN_FILE, identity, resume, bool(records))
+        (folder / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+        done = log.done
+        plain = {str(r["id"]): str(r["answer"]) for r in records if r["mode"] == "plain"}
+        pending = [
+            (item, [mode for mode in chosen_modes if (item.id, mode) not in done])
+            for item in items
+            if any((item.id, mode) not in done for mode in chosen_modes)
+        ]
+        start = time.perf_counter()
+        runner = _Runner(target, attributor, settings, log, folder / THUMBS_DIR, identity)
+        try:
+            runner.run(pending, plain)
+        finally:
+            run = {
+                **identity,
+                "items": len(items),
+                "modes": list(chosen_modes),
+                "answered": len(log.records) - len(records),
+                "wall_seconds": time.perf_counter() - start,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            report = write_reports(folder, log.records, items, chosen_modes, run, settings)
     return report
 
 
@@ -1018,7 +1163,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system", default=None, help="a system prompt sent with every question")
     parser.add_argument("--device", default=None, help="device of local models (cuda, mps, cpu)")
     parser.add_argument("--gallery-limit", type=int, default=50, help="most questions in gallery.html")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (neither the run's nor model loading's)"
+    )
     return parser
 
 
@@ -1028,45 +1175,53 @@ def _load_items(args: argparse.Namespace) -> tuple[list[EvalItem], str]:
     return load_jsonl(args.data, limit=args.n), str(args.data.expanduser().resolve())
 
 
+def _run_cli(args: argparse.Namespace) -> EvalReport:
+    """Load the items, the target and the attributor that ``args`` name, and run :func:`evaluate`."""
+    if args.out.expanduser().is_dir():
+        with lock_output(args.out.expanduser()):  # refuse a second writer at once, before loading any model
+            pass
+    modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
+    options = EvalOptions(
+        modes=modes,
+        style=args.style,
+        gray_level=args.gray_level,
+        system_prompt=args.system,
+        rounds=args.rounds,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        progress=not args.no_progress,
+        gallery_limit=args.gallery_limit,
+    )
+    items, data_name = _load_items(args)
+    target = build_target(args.target, max_tokens=args.max_tokens, device=args.device)
+    needs_maps = bool(ANNOTATING_MODES.intersection(run_modes(modes)))
+    attributor = (
+        build_attributor(args.attributor, target, args.device, args.combine, args.enhance_coe) if needs_maps else None
+    )
+    settings = (("combine", args.combine), ("enhance_coe", args.enhance_coe))
+    chosen = [f"{name}={value}" for name, value in settings if value is not None]
+    label = f"{args.attributor} ({', '.join(chosen)})" if chosen else args.attributor
+    return evaluate(
+        items,
+        target,
+        out_dir=args.out,
+        attributor=attributor,
+        modes=modes,
+        resume=args.resume,
+        options=options,
+        target_name=args.target,
+        attributor_name=label if needs_maps else None,
+        data_name=data_name,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``api-prompt eval ...``; returns the exit status (2: bad input, 1: the run failed, 130: interrupted)."""
+    """``api-prompt eval ...``; returns the exit status (2: bad input or ``--out`` in use by another run,
+    1: the run failed, 130: interrupted). ``--no-progress`` also hides the model-loading progress bars."""
     args = build_parser().parse_args(argv)
     try:
-        modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
-        options = EvalOptions(
-            modes=modes,
-            style=args.style,
-            gray_level=args.gray_level,
-            system_prompt=args.system,
-            rounds=args.rounds,
-            batch_size=args.batch_size,
-            concurrency=args.concurrency,
-            progress=not args.no_progress,
-            gallery_limit=args.gallery_limit,
-        )
-        items, data_name = _load_items(args)
-        target = build_target(args.target, max_tokens=args.max_tokens, device=args.device)
-        needs_maps = bool(ANNOTATING_MODES.intersection(run_modes(modes)))
-        attributor = (
-            build_attributor(args.attributor, target, args.device, args.combine, args.enhance_coe)
-            if needs_maps
-            else None
-        )
-        settings = (("combine", args.combine), ("enhance_coe", args.enhance_coe))
-        chosen = [f"{name}={value}" for name, value in settings if value is not None]
-        label = f"{args.attributor} ({', '.join(chosen)})" if chosen else args.attributor
-        report = evaluate(
-            items,
-            target,
-            out_dir=args.out,
-            attributor=attributor,
-            modes=modes,
-            resume=args.resume,
-            options=options,
-            target_name=args.target,
-            attributor_name=label if needs_maps else None,
-            data_name=data_name,
-        )
+        with quiet_progress_bars() if args.no_progress else nullcontext():
+            report = _run_cli(args)
     except KeyboardInterrupt:
         print(
             f"\napi-prompt eval: interrupted; answers so far are in {args.out / RESULTS_FILE}, "
