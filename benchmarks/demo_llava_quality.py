@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from api_tool.backends.llava import LlavaAttributor, answer_token_ids, prompt_text
+from api_tool.backends.llava import LlavaAttributor
+from api_tool.backends.lvlm import answer_token_ids, prompt_text
 from api_tool.demo.scenes import Question, Scene, SceneObject, generate_scene, scene_questions
 from api_tool.demo.tiny_llava import DEMO_LLAVA_DIR, load_tiny_llava
 from api_tool.demo.train_llava import LOCATION_TEMPLATE, TYPE_NAMES, location_answer

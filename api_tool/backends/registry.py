@@ -6,7 +6,9 @@ Specs:
 * ``"clip:<open_clip name>[@<pretrained tag or checkpoint path>]"``, e.g. ``"clip:ViT-L-14-336@openai"``;
   a bare open_clip name (``"ViT-B-32"``) means the same with ``@openai``;
 * ``"local-dir:<path>"``: a local open_clip model directory (``open_clip_config.json`` + weights);
-* ``"llava:<hub id | local dir | demo>"``, e.g. ``"llava:llava-hf/llava-1.5-7b-hf"``.
+* ``"llava:<hub id | local dir | demo>"``, e.g. ``"llava:llava-hf/llava-1.5-7b-hf"`` (LLaVA-1.5 only);
+* ``"lvlm:<hub id | local dir | demo>"``: any LVLM family in ``api_tool.families``, detected from the
+  config's ``model_type`` (Qwen2-VL, LLaVA-OneVision, Gemma 3, ...).
 
 Example:
     >>> from api_tool.backends.registry import get_attributor
@@ -28,6 +30,8 @@ from api_tool.backends.base import Attributor, resolve_device
 from api_tool.errors import InvalidParameterError, UnknownModelError
 
 DEFAULT_SPEC = "demo"
+LVLM_BACKENDS: dict[str, tuple[str, ...] | None] = {"llava": ("llava",), "lvlm": None}
+"""Spec prefixes served by the LVLM mechanism, with the families each accepts (``None``: all of them)."""
 DEFAULT_CLIP_PRETRAINED = "openai"
 
 
@@ -46,9 +50,9 @@ class AttributorSpec:
         if text == "demo":
             return cls("clip", "demo")
         backend, sep, rest = text.partition(":")
-        if sep and backend in ("clip", "llava") and rest:
-            if backend == "llava":
-                return cls("llava", rest)
+        if sep and backend in ("clip", "llava", "lvlm") and rest:
+            if backend in ("llava", "lvlm"):
+                return cls(backend, rest)
             model, _, pretrained = rest.partition("@")
             if model == "demo":
                 return cls("clip", "demo")
@@ -63,8 +67,8 @@ class AttributorSpec:
         if model in open_clip.list_models():
             return cls("clip", model, pretrained or DEFAULT_CLIP_PRETRAINED)
         raise UnknownModelError(
-            f"unknown attributor {text!r}; use 'demo', 'clip:<open_clip model>[@<pretrained>]' "
-            "or 'llava:<hub id or local dir>'"
+            f"unknown attributor {text!r}; use 'demo', 'clip:<open_clip model>[@<pretrained>]', "
+            "'llava:<hub id or local dir>' or 'lvlm:<hub id or local dir>' (any family of 'api-prompt models')"
         )
 
 
@@ -100,8 +104,8 @@ def get_attributor(spec: str | Attributor | None = None, **options: object) -> A
     options = {name: value for name, value in options.items() if value is not None}
     _check_options(parsed, options)
     device = _normalised_device(options.pop("device", None))  # type: ignore[arg-type]
-    if parsed.backend == "llava":
-        from api_tool.backends.llava import resolve_dtype
+    if parsed.backend in LVLM_BACKENDS:
+        from api_tool.backends.lvlm import resolve_dtype
 
         options["dtype"] = resolve_dtype(options.get("dtype"), device)  # type: ignore[arg-type]
     described = {"device": str(device), **{name: repr(value) for name, value in options.items()}}
@@ -133,11 +137,11 @@ def _check_options(spec: AttributorSpec, options: dict[str, object]) -> None:
 
     The accepted names are the backend's own keyword arguments, less those the registry fills in.
     """
-    if spec.backend == "llava":
-        from api_tool.backends.llava import LlavaAttributor
+    if spec.backend in LVLM_BACKENDS:
+        from api_tool.backends.lvlm import LvlmAttributor
 
-        taken = {*inspect.signature(LlavaAttributor.from_model).parameters, *MODEL_OPTIONS}
-        allowed = taken - {"model", "processor", "model_name"}
+        taken = {*inspect.signature(LvlmAttributor.from_model).parameters, *MODEL_OPTIONS}
+        allowed = taken - {"model", "processor", "model_name", "family"}
     else:
         from api_tool.backends.clip import ClipAttributor
 
@@ -162,11 +166,12 @@ def _normalised_device(device: str | torch.device | None) -> torch.device:
 
 def _load(spec: AttributorSpec, device: torch.device, options: dict[str, object]) -> tuple[Any, Any]:
     """The model (on ``device``) and its tokenizer or processor."""
-    if spec.backend == "llava":
-        from api_tool.backends.llava import load_llava, resolve_dtype
+    if spec.backend in LVLM_BACKENDS:
+        from api_tool.backends.lvlm import load_lvlm, resolve_dtype
 
         dtype = resolve_dtype(options.get("dtype"), device)  # type: ignore[arg-type]
-        model, processor = load_llava(spec.model, dtype, layer=options.get("layer"))  # type: ignore[arg-type]
+        families = LVLM_BACKENDS[spec.backend]
+        model, processor = load_lvlm(spec.model, dtype, layer=options.get("layer"), families=families)  # type: ignore[arg-type]
         return model.to(device), processor
     from api_tool.backends.clip import load_clip
 
@@ -180,10 +185,12 @@ def _bind(
     """An attributor over the shared model with the attributor-level options."""
     model, companion = loaded
     settings = {name: value for name, value in options.items() if name not in MODEL_OPTIONS}
-    if spec.backend == "llava":
+    if spec.backend in LVLM_BACKENDS:
         from api_tool.backends.llava import LlavaAttributor
+        from api_tool.backends.lvlm import LvlmAttributor
 
-        return LlavaAttributor.from_model(model, companion, model_name=spec.model, **settings)  # type: ignore[arg-type]
+        attributor_class = LlavaAttributor if spec.backend == "llava" else LvlmAttributor
+        return attributor_class.from_model(model, companion, model_name=spec.model, **settings)  # type: ignore[arg-type]
     from api_tool.backends.clip import ClipAttributor
 
     tokenizer, pretrained = companion

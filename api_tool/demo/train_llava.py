@@ -66,14 +66,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from api_tool.backends.llava import (
-    answer_token_ids,
-    apply_rotary,
-    decoder_layers,
-    image_attention,
-    prompt_text,
-    split_heads,
-)
+from api_tool.backends.lvlm import answer_token_ids, image_attention, prompt_text
+from api_tool.backends.lvlm_families.base import apply_rotary, split_heads
+from api_tool.backends.lvlm_families.llava import language_model_layers as decoder_layers
 from api_tool.demo.flags import parse_config
 from api_tool.demo.scenes import (
     DEFAULT_CONFIG,

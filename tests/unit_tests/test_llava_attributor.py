@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration, LlavaNextConfig
 
-from api_tool.backends.llava import LlavaAttributor, image_attention
+from api_tool.backends.llava import LlavaAttributor
+from api_tool.backends.lvlm import image_attention
 from api_tool.cli import main
 from api_tool.demo import tiny_llava as tiny_llava_module
 from api_tool.demo.tiny_llava import LLAVA_CHAT_TEMPLATE, build_tiny_llava_processor, load_tiny_llava
@@ -377,7 +378,7 @@ def test_bad_parameters(attributor: LlavaAttributor, saved_llava: TinyLlava, pho
 def test_default_layer_follows_the_config() -> None:
     from types import SimpleNamespace
 
-    from api_tool.backends.llava import default_attribution_layer
+    from api_tool.backends.lvlm import default_attribution_layer
 
     def config(blocks: int, **extra: int) -> SimpleNamespace:
         return SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=blocks), **extra)

@@ -1,0 +1,168 @@
+"""The contract of an LVLM family adapter: everything that differs between LLaVA-1.5, Qwen2-VL, Gemma 3...
+
+The shared mechanism (``api_tool.backends.lvlm``) runs the model, hooks one decoder block's
+self-attention and recomputes that block's queries and keys for the positions it needs. What it asks
+of a family is small:
+
+* which decoder blocks there are, and how the block's attention turns hidden states into rotary-
+  embedded queries / keys (``project``: 1-D RoPE for Llama-style blocks, Qwen's 3-D M-RoPE, q/k norms);
+* how an image and a question become model inputs (``prepare``), and where the image tokens sit:
+  one ``Tile`` per grid of image tokens, with the part of the *original* image that grid covers;
+* how the prompt is extended by an answer for teacher forcing (``teacher_forcing_inputs``).
+
+Attention is normalised over the union of all tiles' image tokens (softmax over those keys only),
+then each tile's share is laid back on the original image by ``api_tool.geometry.stitch_tiles``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+from api_tool.errors import UnsupportedModelError
+from api_tool.geometry import Box
+
+Projection = Literal["q", "k"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One grid of image tokens and where it lies on the original image.
+
+    Attributes:
+        positions: ``(rows * cols,)`` sequence positions of the tile's image tokens, row-major
+            (cell ``(r, c)`` is ``positions[r * cols + c]``); separator or newline tokens excluded.
+        grid: ``(rows, cols)``.
+        box: ``(x0, y0, x1, y1)`` in original-image pixels covered by the whole grid: cell ``(r, c)``
+            spans ``x0 + c * (x1 - x0) / cols`` to ``x0 + (c + 1) * (x1 - x0) / cols`` (and likewise in
+            y). The box may reach past the image (letterbox padding); the part outside is dropped.
+    """
+
+    positions: torch.Tensor
+    grid: tuple[int, int]
+    box: Box
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """One (image, question) ready for the model: prefill inputs on the model's device, the prompt text
+    (to find an answer's tokens for teacher forcing) and the image tiles."""
+
+    inputs: dict[str, Any]
+    text: str
+    tiles: tuple[Tile, ...]
+
+    @property
+    def length(self) -> int:
+        """Tokens in the prompt."""
+        return int(self.inputs["input_ids"].shape[1])
+
+    @property
+    def image_positions(self) -> torch.Tensor:
+        """Every tile's image-token positions, tile after tile: the keys the attention is normalised over."""
+        return torch.cat([tile.positions for tile in self.tiles])
+
+
+@runtime_checkable
+class LvlmFamilyAdapter(Protocol):
+    """What one LVLM family tells the shared mechanism (see the module docstring)."""
+
+    name: str
+
+    def check_model(self, model: torch.nn.Module, processor: Any) -> None:
+        """Raise ``UnsupportedModelError`` for a model / processor this adapter cannot attribute exactly."""
+        ...
+
+    def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        """The language model's decoder blocks; block ``i``'s ``self_attn`` is what gets hooked."""
+        ...
+
+    def project(
+        self,
+        attention: torch.nn.Module,
+        projection: Projection,
+        hidden: torch.Tensor,
+        position_embeddings: Any,
+        positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Queries (``"q"``) or keys (``"k"``) of ``hidden (B, S, E)`` as the block computes them, rotary
+        embedding applied, for ``positions`` only (all when ``None``): ``(B, heads, len, head_dim)`` fp32.
+        ``position_embeddings`` is what the block's attention received (e.g. ``(cos, sin)``)."""
+        ...
+
+    def prepare(self, model: torch.nn.Module, processor: Any, image: Image.Image, question: str) -> PreparedPrompt:
+        """Model inputs for ``image`` and ``question`` with the assistant's turn opened, and the tiles."""
+        ...
+
+    def teacher_forcing_inputs(self, prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
+        """Inputs for one forward pass over the prompt followed by ``answer_ids``."""
+        ...
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(-x2, x1)`` for the two halves of the last dimension (the Llama RoPE convention)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``states (B, H, S, D)`` with ``cos, sin (B, S, D)``."""
+    return states * cos[:, None] + rotate_half(states) * sin[:, None]
+
+
+def split_heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``(B, S, H * D) -> (B, H, S, D)``."""
+    batch, length, _ = projected.shape
+    return projected.view(batch, length, -1, head_dim).transpose(1, 2)
+
+
+def rope_project(
+    attention: torch.nn.Module,
+    projection: Projection,
+    hidden: torch.Tensor,
+    position_embeddings: Any,
+    positions: torch.Tensor | None,
+) -> torch.Tensor:
+    """``LvlmFamilyAdapter.project`` for Llama-style blocks (Llama, Mistral, Qwen2): ``q_proj`` /
+    ``k_proj``, then 1-D RoPE with the ``(cos, sin)`` the block received; fp32 ``(B, heads, len, D)``."""
+    if position_embeddings is None:
+        raise UnsupportedModelError(
+            "the attention layer received no rotary position embeddings; this transformers version computes "
+            "them inside the layer, which the attention probe cannot follow (upgrade transformers)"
+        )
+    cos, sin = (part if part.dim() == 3 else part[None] for part in position_embeddings)
+    if positions is not None:
+        hidden, cos, sin = hidden[:, positions], cos[:, positions], sin[:, positions]
+    module = attention.q_proj if projection == "q" else attention.k_proj
+    states = split_heads(module(hidden), int(attention.head_dim)).float()
+    return apply_rotary(states, cos.float(), sin.float())
+
+
+def check_plain_rotary_attention(attention: torch.nn.Module) -> None:
+    """Refuse an attention layer whose scores ``rope_project`` cannot recompute (no q/k projections, or
+    q/k norms it does not apply)."""
+    missing = [name for name in ("q_proj", "k_proj", "head_dim", "scaling") if not hasattr(attention, name)]
+    if missing or hasattr(attention, "q_norm"):
+        raise UnsupportedModelError(
+            f"{type(attention).__name__} is not a plain rotary attention layer (missing {missing} or has q/k "
+            "norms); its scores cannot be recomputed"
+        )
+
+
+def appended_inputs(prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
+    """The prompt's inputs with ``answer_ids`` appended: ``input_ids`` extended, ``attention_mask`` all
+    ones, other per-token tensors (``token_type_ids``...) extended with zeros, the rest (pixels, grids)
+    kept. The default ``teacher_forcing_inputs``."""
+    input_ids = prompt.inputs["input_ids"]
+    appended = torch.tensor([answer_ids], dtype=input_ids.dtype, device=input_ids.device)
+    inputs = dict(prompt.inputs)
+    inputs["input_ids"] = torch.cat([input_ids, appended], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    for name, value in prompt.inputs.items():
+        per_token = isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == input_ids.shape
+        if name not in ("input_ids", "attention_mask") and per_token:
+            inputs[name] = torch.cat([value, torch.zeros_like(appended, dtype=value.dtype)], dim=1)
+    return inputs

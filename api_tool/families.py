@@ -1,0 +1,147 @@
+"""The model-family table: the one place that knows which models the package can attribute, and how.
+
+Every family declares how it is recognised (an HF config's ``model_type``, or a spec prefix), which
+backend runs it, its defaults (block, combine recipe, enhance_coe), what it can do (score a given
+answer; wrap a loaded chat model for self-attribution), its geometry and what was verified. The
+registry, the CLI (``--backend`` choices, ``api-prompt models``), self-attribution in ``agents`` and
+the evaluation ask this table; nothing else branches on a family's name. A new LVLM family is one
+adapter file in ``api_tool/backends/lvlm_families/`` and one entry here.
+
+Example:
+    >>> from api_tool.families import family, lvlm_family_of
+    >>> family("llava").backend, family("llava").defaults.layer
+    ('lvlm', 20)
+    >>> from types import SimpleNamespace
+    >>> lvlm_family_of(SimpleNamespace(model_type="qwen2_5_vl")).name
+    'qwen2_vl'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, Literal
+
+from api_tool.errors import UnknownModelError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from api_tool.backends.lvlm_families.base import LvlmFamilyAdapter
+
+Backend = Literal["clip", "lvlm"]
+
+
+@dataclass(frozen=True)
+class AttributionDefaults:
+    """A family's default settings: decoder / ViT block (negative counts from the end; ``None`` = the
+    middle block), how raw maps combine, and the sigmoid sharpening coefficient."""
+
+    layer: int | None
+    combine: str
+    enhance_coe: float = 10.0
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the table (see the module docstring)."""
+
+    name: str
+    backend: Backend
+    classes: str
+    geometry: str
+    verified: str
+    defaults: AttributionDefaults
+    model_types: tuple[str, ...] = ()
+    adapter_path: str | None = None
+    scores_answer: bool = False
+    wraps_chat_model: bool = False
+    spec_prefixes: tuple[str, ...] = field(default=())
+
+    def adapter(self) -> LvlmFamilyAdapter:
+        """A new instance of the family's LVLM adapter (imported on first use)."""
+        if self.adapter_path is None:
+            raise UnsupportedModelError(f"the {self.name} family has no LVLM adapter")
+        module, _, name = self.adapter_path.partition(":")
+        return getattr(import_module(module), name)()  # type: ignore[no-any-return]
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="clip",
+        backend="clip",
+        classes="open_clip VisionTransformer CLIPs (ViT-B-32, ViT-L-14-336, ...; 'demo')",
+        geometry="letterbox onto the square input; one patch grid",
+        verified="Psi_cls / Psi_comp equal the literal formulas and the authors' code on the same weights",
+        defaults=AttributionDefaults(layer=-2, combine="paper", enhance_coe=10.0),
+        spec_prefixes=("clip", "local-dir"),
+    ),
+    Family(
+        name="llava",
+        backend="lvlm",
+        classes="LlavaForConditionalGeneration (LLaVA-1.5; Llama / Mistral / Qwen2 text models)",
+        geometry="letterbox onto the square input; one patch grid (24 x 24 at 336 px)",
+        verified="map = eager output_attentions; teacher forcing = generation; planted signal lands on its pixels",
+        defaults=AttributionDefaults(layer=20, combine="cls", enhance_coe=10.0),
+        model_types=("llava",),
+        adapter_path="api_tool.backends.lvlm_families.llava:LlavaFamily",
+        scores_answer=True,
+        wraps_chat_model=True,
+        spec_prefixes=("llava",),
+    ),
+)
+
+
+def family(name: str) -> Family:
+    """The family called ``name``, or ``UnknownModelError`` listing the families there are."""
+    for entry in FAMILIES:
+        if entry.name == name:
+            return entry
+    raise UnknownModelError(f"no model family {name!r}; families: {', '.join(entry.name for entry in FAMILIES)}")
+
+
+def lvlm_families() -> tuple[Family, ...]:
+    """The families whose backend is the LVLM self-attribution mechanism."""
+    return tuple(entry for entry in FAMILIES if entry.backend == "lvlm")
+
+
+def lvlm_family_of(config: Any, allowed: Sequence[str] | None = None, model_class: str | None = None) -> Family:
+    """The LVLM family of an HF config (by ``model_type``), or ``UnsupportedModelError`` naming the
+    model (``model_class`` when a loaded model is at hand) and the families that work. ``allowed``
+    narrows the choice (e.g. ``LlavaAttributor``)."""
+    model_type = getattr(config, "model_type", None)
+    candidates = [entry for entry in lvlm_families() if allowed is None or entry.name in allowed]
+    for entry in candidates:
+        if model_type in entry.model_types:
+            return entry
+    architecture = model_class or (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    supported = "; ".join(f"{entry.name} ({', '.join(entry.model_types)})" for entry in candidates)
+    hint = "" if allowed is None else " (api_tool.LvlmAttributor detects every family)"
+    raise UnsupportedModelError(
+        f"{architecture} is not supported (model_type {model_type!r}){hint}; supported families: {supported}"
+    )
+
+
+def lvlm_family_of_model(model: object) -> Family | None:
+    """The LVLM family of a loaded model, or ``None`` when it belongs to none (a remote chat model)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return next((entry for entry in lvlm_families() if model_type in entry.model_types), None)
+
+
+def table() -> str:
+    """The table as text, one block per family (``api-prompt models`` prints it)."""
+    lines = []
+    for entry in FAMILIES:
+        recognised = ", ".join(entry.model_types) or ", ".join(f"{p}:" for p in entry.spec_prefixes)
+        defaults = entry.defaults
+        lines += [
+            f"{entry.name}  [{entry.backend}]  {recognised}",
+            f"  classes:   {entry.classes}",
+            f"  geometry:  {entry.geometry}",
+            f"  defaults:  layer {defaults.layer}, combine {defaults.combine}, enhance_coe {defaults.enhance_coe:g}",
+            f"  abilities: scores a given answer: {'yes' if entry.scores_answer else 'no'}; "
+            f"self-attribution of a loaded chat model: {'yes' if entry.wraps_chat_model else 'no'}",
+            f"  verified:  {entry.verified}",
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
