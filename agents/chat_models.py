@@ -291,9 +291,18 @@ class ChatTransformersVLM(BaseChatModel):
         return "transformers-vlm"
 
     @property
+    def self_attribution_family(self) -> str | None:
+        """The model-family table's name for the wrapped model when its own attention can make the map
+        (``api_tool.families``: a family that wraps chat models), else ``None``."""
+        from api_tool.families import lvlm_family_of_model
+
+        entry = lvlm_family_of_model(self.load())
+        return entry.name if entry is not None and entry.wraps_chat_model else None
+
+    @property
     def is_llava(self) -> bool:
-        """Whether the wrapped model is a LLaVA model (usable for self-attribution)."""
-        return getattr(getattr(self.load(), "config", None), "model_type", None) == "llava"
+        """Whether the wrapped model is a LLaVA-1.5 model."""
+        return self.self_attribution_family == "llava"
 
     def _resolve_model_profile(self) -> ModelProfile | None:
         return ModelProfile(

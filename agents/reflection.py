@@ -13,8 +13,9 @@ A langgraph ``StateGraph``::
 * another round runs while rounds are left and the last one changed the answer.
 
 Self mode: with ``tool=None`` and a target that is a :class:`~agents.chat_models.ChatTransformersVLM`
-wrapping a LLaVA model, the attributor is ``LlavaAttributor.from_model`` on that same model, and it
-scores the target's own answer (the paper's g = f case). Otherwise the default tool uses the demo CLIP.
+wrapping a model of an LVLM family (``api-prompt models``), the attributor is
+``LvlmAttributor.from_model`` on that same model, and it scores the target's own answer (the paper's
+g = f case). Otherwise the default tool uses the demo CLIP.
 
 Example:
     >>> from agents import ChatTransformersVLM, reflect
@@ -179,27 +180,29 @@ def default_tool(
 ) -> AttentionPromptTool:
     """The tool the loop uses when none is given.
 
-    ``self_attribution``: ``None`` uses the target's own LLaVA when it is a ``ChatTransformersVLM``
-    wrapping one (else the demo CLIP); ``True`` requires that; ``False`` always uses the demo CLIP.
-    ``attributor_options`` go to ``LlavaAttributor.from_model`` (``layer`` defaults to the model's
-    ``api_attribution_layer``, else the paper's block 20, else the middle block).
+    ``self_attribution``: ``None`` uses the target's own attention when it is a ``ChatTransformersVLM``
+    wrapping a model of an LVLM family in ``api_tool.families`` (else the demo CLIP); ``True`` requires
+    that; ``False`` always uses the demo CLIP. ``attributor_options`` go to ``LvlmAttributor.from_model``
+    (``layer`` defaults to the model's ``api_attribution_layer``, else the family's default block).
 
     Example:
         >>> tool = default_tool(ChatTransformersVLM.from_pretrained("demo"))  # doctest: +SKIP
         >>> tool.backend.name  # doctest: +SKIP
         'llava'
     """
-    is_local_llava = isinstance(target, ChatTransformersVLM) and target.is_llava
-    if self_attribution is True and not is_local_llava:
+    family = target.self_attribution_family if isinstance(target, ChatTransformersVLM) else None
+    if self_attribution is True and family is None:
         raise UnsupportedModelError(
-            "self_attribution=True needs a ChatTransformersVLM target wrapping a LLaVA model; "
-            f"got {type(target).__name__}"
+            "self_attribution=True needs a ChatTransformersVLM target wrapping a model of an LVLM family "
+            f"('api-prompt models' lists them); got {type(target).__name__}"
         )
-    if is_local_llava and self_attribution is not False:
+    if family is not None and self_attribution is not False:
         assert isinstance(target, ChatTransformersVLM)
         from api_tool.backends.llava import LlavaAttributor
+        from api_tool.backends.lvlm import LvlmAttributor
 
-        attributor = LlavaAttributor.from_model(target.hf_model, target.processor, **attributor_options)
+        attributor_class = LlavaAttributor if family == "llava" else LvlmAttributor
+        attributor = attributor_class.from_model(target.hf_model, target.processor, **attributor_options)
         return AttentionPromptTool(attributor=attributor)
     return AttentionPromptTool()
 

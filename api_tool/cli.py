@@ -10,7 +10,8 @@ Usage:
                [--gray-level 0] [--device cpu|cuda] [--allow-remote] [--overwrite]
 
     api-prompt eval --synthetic all --target demo --modes plain,api,verify --out eval-out
-               (the evaluation harness, ``agents.eval``; ``api-prompt eval --help``)
+               (the evaluation harness in ``agents``, found through the ``api_prompt.commands`` entry point)
+    api-prompt models                                    the model-family table
 
 One process and one model load serve every image and question; each image is encoded once for all
 its questions. Beside every prompted image goes a JSON summary (where the map peaks in pixels, the
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from api_tool.errors import ApiPromptingError, OutputPathError, RemoteImageNotAllowedError
+from api_tool.families import backend_names, table
 from api_tool.maps import COMBINE_MODES
 from api_tool.render import STYLES
 
@@ -51,6 +53,8 @@ OUTPUT_FORMATS = {
     ".tiff": "TIFF",
 }
 BOX_THRESHOLD = 0.5
+COMMANDS_GROUP = "api_prompt.commands"
+"""Entry-point group of sub-commands other packages add (``agents`` adds ``eval``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print every map's summary as one JSON document")
     parser.add_argument("--overwrite", action="store_true", help="allow writing over an input image")
     parser.add_argument("--allow-remote", action="store_true", help="let IMAGE be an http(s) URL and download it")
-    parser.add_argument("--backend", choices=("clip", "llava"), default="clip", help="auxiliary model family")
+    parser.add_argument(
+        "--backend",
+        choices=backend_names(),
+        default="clip",
+        help="clip (an open_clip model), lvlm (an LVLM's own attention; the family is detected, see "
+        "'api-prompt models') or llava (LLaVA-1.5 only)",
+    )
     parser.add_argument(
         "--model",
         default="demo",
         help="'demo' (offline, default), an open_clip name (ViT-L-14-336, ViT-B-32), local-dir:PATH or, with "
-        "--backend llava, a transformers id or local directory",
+        "--backend lvlm / llava, a transformers id or local directory ('demo': the demo LLaVA)",
     )
     parser.add_argument(
         "--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (default: openai)"
@@ -129,13 +139,15 @@ class Report:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status. ``api-prompt eval ...`` runs the evaluation harness."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["eval"]:
-        from agents.eval import main as eval_main
-
-        return eval_main(arguments[1:])
+    if arguments[:1] == ["models"]:
+        print(table(), end="")
+        return 0
+    command = _sub_command(arguments[0]) if arguments else None
+    if command is not None:
+        return int(command(arguments[1:]))
     parser = build_parser()
     args = parser.parse_args(arguments)
-    if args.backend == "llava" and (args.combine is not None or args.pretrained is not None):
+    if args.backend != "clip" and (args.combine is not None or args.pretrained is not None):
         parser.error("--combine and --pretrained apply to the clip backend only")
     if args.pretrained is not None and (args.model == "demo" or args.model.startswith("local-dir:")):
         parser.error("--pretrained applies to open_clip model names, not to 'demo' or local-dir: models")
@@ -161,6 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"maps": report.summaries, "errors": report.errors}, indent=2))
     return 2 if report.errors or not jobs else 0
+
+
+def _sub_command(name: str) -> Any:
+    """The ``main(argv) -> int`` another package registered as ``api-prompt NAME``, or ``None``."""
+    from importlib.metadata import entry_points
+
+    found = [entry for entry in entry_points(group=COMMANDS_GROUP) if entry.name == name]
+    return found[0].load() if found else None
 
 
 def expand_images(refs: Sequence[str], report: Report, *, allow_remote: bool) -> list[str]:
@@ -283,11 +303,11 @@ def _spec_and_options(args: argparse.Namespace) -> tuple[str, dict[str, object]]
     for name in ("layer", "enhance_coe", "kernel_size"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    if args.backend == "llava":
+    if args.backend != "clip":
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-        return f"llava:{args.model}", options
+        return f"{args.backend}:{args.model}", options
     if args.combine is not None:
         options["combine"] = args.combine
     if args.model == "demo" or args.model.startswith("local-dir:"):

@@ -128,6 +128,13 @@ def lvlm_family_of_model(model: object) -> Family | None:
     return next((entry for entry in lvlm_families() if model_type in entry.model_types), None)
 
 
+def backend_names() -> tuple[str, ...]:
+    """What ``api-prompt --backend`` accepts: ``clip``, ``lvlm`` (every LVLM family, detected) and the
+    spec prefix of each LVLM family that has one (``llava``: LLaVA-1.5 only)."""
+    prefixes = [prefix for entry in lvlm_families() for prefix in entry.spec_prefixes]
+    return ("clip", "lvlm", *prefixes)
+
+
 def table() -> str:
     """The table as text, one block per family (``api-prompt models`` prints it)."""
     lines = []

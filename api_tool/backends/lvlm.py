@@ -188,17 +188,29 @@ def single_tile_grid_box(tile: Tile, image_size: tuple[int, int]) -> GridBox:
     )
 
 
+def overlap_lengths(starts: np.ndarray, ends: np.ndarray, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
+    """``(len(starts), len(lows))`` lengths of the overlaps of intervals ``[starts, ends)`` and ``[lows, highs)``.
+
+    Example:
+        >>> overlap_lengths(np.array([0.0, 2.0]), np.array([2.0, 4.0]), np.array([1.0]), np.array([3.0])).tolist()
+        [[1.0], [1.0]]
+    """
+    low = np.maximum(starts[:, None], lows[None, :])
+    high = np.minimum(ends[:, None], highs[None, :])
+    return np.clip(high - low, 0.0, None)
+
+
 def stitch_tiles(
     grids: Sequence[np.ndarray], tiles: Sequence[Tile], image_size: tuple[int, int]
 ) -> tuple[np.ndarray, GridBox]:
     """Lay several tiles' attention on one grid over the original image: ``(canvas, grid_box)``.
 
-    Each tile's attention is turned into attention per unit of image area (a cell's mass divided by its
-    area in original-image pixels) and sampled at the centre of every canvas cell it covers; the tiles'
-    densities add up, so a region seen both in the base image and in a high-resolution tile gets the
-    attention of both views, and the canvas holds mass per canvas cell. The canvas's cells are as fine
-    as the finest tile's (capped at ``MAX_STITCHED_CELLS``) and it covers the image from its top-left
-    corner; ``grid_box`` says where the image ends on it.
+    Each tile cell's attention is spread evenly over the image area it covers and every canvas cell
+    collects what falls inside it (exact area overlaps), from every tile: a region seen both in the base
+    image and in a high-resolution tile gets the attention of both views. Attention on cells outside the
+    image (letterbox padding) is dropped. The canvas's cells are as fine as the finest tile's (capped at
+    ``MAX_STITCHED_CELLS``), it starts at the image's top-left corner, and ``grid_box`` says where the
+    image ends on it.
 
     Example:
         >>> whole = Tile(torch.arange(1), (1, 1), (0.0, 0.0, 4.0, 2.0))
@@ -213,19 +225,19 @@ def stitch_tiles(
     scale = max(1.0, math.sqrt((width / cell_w) * (height / cell_h) / MAX_STITCHED_CELLS))
     cell_w, cell_h = cell_w * scale, cell_h * scale
     cols, rows = max(1, math.ceil(width / cell_w - 1e-9)), max(1, math.ceil(height / cell_h - 1e-9))
-    centres_x = (np.arange(cols) + 0.5) * cell_w
-    centres_y = (np.arange(rows) + 0.5) * cell_h
+    canvas_x = np.minimum(np.arange(cols + 1) * cell_w, width)
+    canvas_y = np.minimum(np.arange(rows + 1) * cell_h, height)
     canvas = np.zeros((rows, cols))
     for values, tile in zip(grids, tiles):
         tile_rows, tile_cols = tile.grid
         x0, y0, x1, y1 = tile.box
-        tile_cell_area = (x1 - x0) / tile_cols * (y1 - y0) / tile_rows
-        col = np.floor((centres_x - x0) / (x1 - x0) * tile_cols).astype(int)
-        row = np.floor((centres_y - y0) / (y1 - y0) * tile_rows).astype(int)
-        inside_x, inside_y = (col >= 0) & (col < tile_cols), (row >= 0) & (row < tile_rows)
-        density = values / tile_cell_area
-        canvas[np.ix_(inside_y, inside_x)] += density[np.ix_(row[inside_y], col[inside_x])]
-    return canvas * (cell_w * cell_h), (0.0, 0.0, width / cell_w, height / cell_h)
+        tile_x = np.linspace(x0, x1, tile_cols + 1)
+        tile_y = np.linspace(y0, y1, tile_rows + 1)
+        density = values / ((x1 - x0) / tile_cols * (y1 - y0) / tile_rows)
+        across = overlap_lengths(tile_x[:-1], tile_x[1:], canvas_x[:-1], canvas_x[1:])
+        down = overlap_lengths(tile_y[:-1], tile_y[1:], canvas_y[:-1], canvas_y[1:])
+        canvas += down.T @ density @ across
+    return canvas, (0.0, 0.0, width / cell_w, height / cell_h)
 
 
 # ----------------------------------------------------------------------------------------------
