@@ -46,8 +46,13 @@ def main() -> None:
         question = args.question or f"where is the {scene.objects[0].name}?"
         print(f"scene: {scene.caption}")
 
+    # A model may name files only inside the directories the developer allows (here: the image's own).
     tool = AttentionPromptTool(
-        attributor=args.attributor, style=args.style, gray_level=args.gray_level, max_side=args.max_side
+        attributor=args.attributor,
+        style=args.style,
+        gray_level=args.gray_level,
+        max_side=args.max_side,
+        allowed_dirs=[Path(image_ref).resolve().parent],
     )
     message = tool.invoke(
         {"type": "tool_call", "id": "example", "name": tool.name, "args": {"image": image_ref, "question": question}}
