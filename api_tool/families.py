@@ -88,6 +88,86 @@ FAMILIES: tuple[Family, ...] = (
         wraps_chat_model=True,
         spec_prefixes=("llava",),
     ),
+    Family(
+        name="llava_next",
+        backend="lvlm",
+        classes="LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6; Llama / Mistral / Qwen2 text models)",
+        geometry="base view (whole image, stretched) + one unpadded any-resolution grid (newline tokens left "
+        "out; its box = the kept features mapped back through the canvas); tiles stitched by area",
+        verified="map = eager output_attentions (generation and teacher forcing); tile boxes computed by hand on "
+        "wide and tall images; every cell's feature = its crop patch's; planted signal lands on its pixels",
+        defaults=AttributionDefaults(layer=20, combine="cls"),
+        model_types=("llava_next",),
+        adapter_path="api_tool.backends.lvlm_families.llava_next:LlavaNextFamily",
+        scores_answer=True,
+        wraps_chat_model=True,
+    ),
+    Family(
+        name="llava_onevision",
+        backend="lvlm",
+        classes="LlavaOnevisionForConditionalGeneration (LLaVA-OneVision; SigLIP + Qwen2), single images",
+        geometry="as llava_next; the high-resolution grid split at crop seams when the crop side is not a "
+        "patch multiple (SigLIP 384/14), one pooled tile for anyres_max_N",
+        verified="as llava_next, plus the seam split and anyres_max pooling",
+        defaults=AttributionDefaults(layer=-12, combine="cls"),
+        model_types=("llava_onevision",),
+        adapter_path="api_tool.backends.lvlm_families.llava_next:LlavaOnevisionFamily",
+        scores_answer=True,
+        wraps_chat_model=True,
+    ),
+    Family(
+        name="gemma3",
+        backend="lvlm",
+        classes="Gemma3ForConditionalGeneration (Gemma 3 4B / 12B / 27B; SigLIP + Gemma 3 text)",
+        geometry="letterbox onto the square input, pan-and-scan off; one pooled token grid (16 x 16 at 896 px)",
+        verified="map = eager output_attentions (sliding / local-RoPE and global blocks, generation and teacher "
+        "forcing); q/k norms, scaling and token_type_ids each checked to matter; planted signal lands on its pixels",
+        defaults=AttributionDefaults(layer=None, combine="cls"),
+        model_types=("gemma3",),
+        adapter_path="api_tool.backends.lvlm_families.gemma3:Gemma3Family",
+        scores_answer=True,
+        wraps_chat_model=True,
+    ),
+    Family(
+        name="idefics3",
+        backend="lvlm",
+        classes="Idefics3ForConditionalGeneration (Idefics3-8B; SigLIP + Llama 3)",
+        geometry="stretched to rows x cols square crops (+ a global image last), each a pixel-shuffled grid; "
+        "tiles stitched by area",
+        verified="map = eager output_attentions (generation and teacher forcing); token colours in the "
+        "processor's own frames match the tile boxes; planted square lands on its pixels",
+        defaults=AttributionDefaults(layer=20, combine="cls"),
+        model_types=("idefics3",),
+        adapter_path="api_tool.backends.lvlm_families.idefics3:Idefics3Family",
+        scores_answer=True,
+        wraps_chat_model=True,
+    ),
+    Family(
+        name="smolvlm",
+        backend="lvlm",
+        classes="SmolVLMForConditionalGeneration (SmolVLM / SmolVLM2; Idefics3's layout)",
+        geometry="as idefics3 (a crop side that is not a patch multiple drops a strip, left to the global image)",
+        verified="as idefics3",
+        defaults=AttributionDefaults(layer=-12, combine="cls"),
+        model_types=("smolvlm",),
+        adapter_path="api_tool.backends.lvlm_families.idefics3:SmolVLMFamily",
+        scores_answer=True,
+        wraps_chat_model=True,
+    ),
+    Family(
+        name="internvl",
+        backend="lvlm",
+        classes="InternVLForConditionalGeneration (InternVL 2.5 / 3 / 3.5 '-hf'; Qwen2 / Llama / Qwen3 text)",
+        geometry="aspect-ratio grid of square tiles (stretched; boxes = W/cols x H/rows) + a whole-image "
+        "thumbnail last, each a pixel-shuffled grid; tiles stitched by area",
+        verified="map = eager output_attentions (generation and teacher forcing, Qwen2 and Qwen3 q/k norms); "
+        "pixel-shuffle order; tiles = the processor's crops; planted signal lands on its pixels",
+        defaults=AttributionDefaults(layer=-12, combine="cls"),
+        model_types=("internvl",),
+        adapter_path="api_tool.backends.lvlm_families.internvl:InternVLFamily",
+        scores_answer=True,
+        wraps_chat_model=True,
+    ),
 )
 
 

@@ -61,7 +61,6 @@ from api_tool.errors import (
     InvalidParameterError,
     InvalidQueryError,
     UnknownModelError,
-    UnsupportedModelError,
     WeightsUnavailableError,
 )
 from api_tool.geometry import GridBox
@@ -404,12 +403,19 @@ class LvlmAttributor:
         self.processor = processor
         self.model_name = model_name
         self.layers = self.family.decoder_layers(model)
-        chosen = layer if layer is not None else default_attribution_layer(model.config, entry.defaults.layer)
+        family_layer = self.family.default_layer(model.config)
+        chosen = (
+            layer
+            if layer is not None
+            else default_attribution_layer(
+                model.config, family_layer if family_layer is not None else entry.defaults.layer
+            )
+        )
         self.layer = resolve_layer(chosen, len(self.layers), "language model")
         self.max_new_tokens = max_new_tokens
         self.enhance_coe = float(enhance_coe)
         self.kernel_size = kernel_size
-        self.eos_ids = end_token_ids(model, processor.tokenizer)
+        self.eos_ids = end_token_ids(model, processor.tokenizer) | self.family.end_token_ids(processor)
         self._lock = model_lock(model)
 
     @property
@@ -512,7 +518,7 @@ class LvlmAttributor:
         )
 
     def _generate(self, prompt: PreparedPrompt) -> _Steps:
-        check_sequence_length(self.model, prompt.length + self.max_new_tokens)
+        self.family.check_sequence_length(self.model, self.layer, prompt.length + self.max_new_tokens)
         last = torch.tensor([prompt.length - 1], device=self.device)
         probe = self._probe(prompt, last, stop_after_first=False)
         tokenizer = self.processor.tokenizer
@@ -538,7 +544,7 @@ class LvlmAttributor:
 
     def _teacher_force(self, prompt: PreparedPrompt, question: str, answer: str) -> _Steps:
         answer_ids = answer_token_ids(self.processor, prompt.text, question, answer)
-        check_sequence_length(self.model, prompt.length + len(answer_ids))
+        self.family.check_sequence_length(self.model, self.layer, prompt.length + len(answer_ids))
         first = prompt.length - 1
         queries = torch.arange(first, first + max(1, len(answer_ids)), device=self.device)
         probe = self._probe(prompt, queries, stop_after_first=True)
@@ -616,16 +622,6 @@ def end_token_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             found.update(int(v) for v in value)
     return frozenset(found)
-
-
-def check_sequence_length(model: torch.nn.Module, length: int) -> None:
-    """Refuse sequences longer than a sliding attention window (the recomputed scores would differ)."""
-    text_config = getattr(model.config, "text_config", model.config)
-    window = getattr(text_config, "sliding_window", None)
-    if window and getattr(text_config, "use_sliding_window", True) and length > window:
-        raise UnsupportedModelError(
-            f"the sequence ({length} tokens) exceeds the language model's sliding window ({window})"
-        )
 
 
 # ----------------------------------------------------------------------------------------------

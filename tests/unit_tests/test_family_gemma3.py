@@ -21,7 +21,7 @@ from PIL import Image
 from api_tool.backends.lvlm import LvlmAttributor, image_attention
 from api_tool.backends.lvlm_families import gemma3 as gemma3_module
 from api_tool.backends.lvlm_families.base import LvlmFamilyAdapter, PreparedPrompt
-from api_tool.backends.lvlm_families.gemma3 import Gemma3Adapter, default_layer
+from api_tool.backends.lvlm_families.gemma3 import Gemma3Family, default_layer
 from api_tool.errors import ImageTokenError, UnsupportedModelError
 from tests.tiny_lvlms.gemma3 import (
     BOI,
@@ -84,7 +84,7 @@ class Probe:
     """What the shared mechanism does, in small: a forward pre-hook on one block's attention that scores the
     adapter's queries against its image keys (softmax over the image keys, mean over heads)."""
 
-    def __init__(self, adapter: Gemma3Adapter, image_positions: torch.Tensor, query_positions: torch.Tensor) -> None:
+    def __init__(self, adapter: Gemma3Family, image_positions: torch.Tensor, query_positions: torch.Tensor) -> None:
         self.adapter = adapter
         self.image_positions = image_positions
         self.query_positions = query_positions
@@ -128,7 +128,7 @@ def eager_rows(attentions: Any, layer: int, image_positions: list[int]) -> np.nd
 
 
 def adapter_generate(
-    adapter: Gemma3Adapter, model: torch.nn.Module, prompt: PreparedPrompt, layer: int
+    adapter: Gemma3Family, model: torch.nn.Module, prompt: PreparedPrompt, layer: int
 ) -> tuple[np.ndarray, torch.Tensor]:
     last = torch.tensor([prompt.length - 1])
     probe = Probe(adapter, prompt.image_positions, last)
@@ -146,7 +146,7 @@ def adapter_generate(
 
 
 def test_adapter_satisfies_the_protocol() -> None:
-    assert isinstance(Gemma3Adapter(), LvlmFamilyAdapter)
+    assert isinstance(Gemma3Family(), LvlmFamilyAdapter)
 
 
 @pytest.mark.parametrize("layer", [0, 1], ids=["sliding-local-rope", "global-rope"])
@@ -154,7 +154,7 @@ def test_generation_rows_equal_eager_attention(
     tiny: tuple[torch.nn.Module, Any], eager: torch.nn.Module, photo: Image.Image, layer: int
 ) -> None:
     model, processor = tiny
-    adapter = Gemma3Adapter()
+    adapter = Gemma3Family()
     adapter.check_model(model, processor)
     prompt = adapter.prepare(model, processor, photo, QUESTION)
     adapter.check_sequence_length(model, layer, prompt.length + MAX_NEW_TOKENS)
@@ -187,7 +187,7 @@ def test_each_block_receives_its_own_rope_and_project_uses_it(
     """Block 0 (sliding) receives the local-base RoPE, block 1 (global) the global one (base 1e6, linear
     scaling); ``project`` applied with the other one's (cos, sin) no longer matches the eager attention."""
     model, processor = tiny
-    adapter = Gemma3Adapter()
+    adapter = Gemma3Family()
     prompt = adapter.prepare(model, processor, photo, QUESTION)
     layer_types = model.config.text_config.layer_types
     assert layer_types == ["sliding_attention", "full_attention"]
@@ -230,7 +230,7 @@ def test_q_k_norms_and_query_pre_attn_scalar_are_followed(
     """The tiny model's q/k norms and score scale matter: skipping the norms, or scaling by head_dim ** -0.5,
     moves the map far outside the rounding band."""
     model, processor = tiny
-    adapter = Gemma3Adapter()
+    adapter = Gemma3Family()
     attention = adapter.decoder_layers(model)[1].self_attn
     assert adapter.scaling(attention) == 24**-0.5 != attention.head_dim**-0.5
     prompt = adapter.prepare(model, processor, photo, QUESTION)
@@ -242,7 +242,7 @@ def test_q_k_norms_and_query_pre_attn_scalar_are_followed(
         last = torch.tensor([prompt.length - 1])
         probe = Probe(adapter, prompt.image_positions, last)
         if scale is not None:
-            probe.adapter = type("Scaled", (Gemma3Adapter,), {"scaling": staticmethod(lambda module: scale)})()
+            probe.adapter = type("Scaled", (Gemma3Family,), {"scaling": staticmethod(lambda module: scale)})()
         with torch.no_grad(), probe.attached(attention):
             model(**prompt.inputs)
         return probe.rows[0].double().numpy()
@@ -254,7 +254,7 @@ def test_q_k_norms_and_query_pre_attn_scalar_are_followed(
 
 
 def test_gemma_rms_norm_is_the_models_norm(tiny: tuple[torch.nn.Module, Any]) -> None:
-    norm = Gemma3Adapter().decoder_layers(tiny[0])[0].self_attn.q_norm
+    norm = Gemma3Family().decoder_layers(tiny[0])[0].self_attn.q_norm
     states = torch.randn(2, 3, 5, norm.weight.shape[0], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert float(norm.weight.abs().max()) > 0.1  # random, not Gemma's zero init
@@ -271,7 +271,7 @@ def test_teacher_forcing_equals_generation_and_eager(
     the bidirectional image block), and the eager forward pass over prompt + answer agrees; without the
     image block in ``token_type_ids`` the rows differ."""
     model, processor = tiny
-    adapter, layer = Gemma3Adapter(), 1
+    adapter, layer = Gemma3Family(), 1
     prompt = adapter.prepare(model, processor, photo, QUESTION)
     generated, sequences = adapter_generate(adapter, model, prompt, layer)
     answer_ids = sequences[0, prompt.length : prompt.length + MAX_NEW_TOKENS - 1].tolist()
@@ -320,7 +320,7 @@ def test_planted_square_lands_on_its_pixels(
 ) -> None:
     model, processor = build_tiny_gemma3(seed=1)
     attend_to_bright_tokens(model, layer=0)
-    adapter = Gemma3Adapter()
+    adapter = Gemma3Family()
     adapter.check_model(model, processor)
     prompt = adapter.prepare(model, processor, bright_square_image(size, square), QUESTION)
     (tile,) = prompt.tiles
@@ -348,7 +348,7 @@ def test_tile_box_of_a_letterbox_with_rounding(tiny: tuple[torch.nn.Module, Any]
     to (32, 11) (10.56 rounded), pasted at (0, 10); the input's y = 0 .. 32 is original y = (0 - 10) * 33 / 11 =
     -30 .. (32 - 10) * 33 / 11 = 66, x = 0 .. 100."""
     model, processor = tiny
-    (tile,) = Gemma3Adapter().prepare(model, processor, Image.new("RGB", (100, 33)), QUESTION).tiles
+    (tile,) = Gemma3Family().prepare(model, processor, Image.new("RGB", (100, 33)), QUESTION).tiles
     assert tile.box == pytest.approx((0.0, -30.0, 100.0, 66.0))
 
 
@@ -359,7 +359,7 @@ def test_tile_box_of_a_letterbox_with_rounding(tiny: tuple[torch.nn.Module, Any]
 
 def test_prepare_layout_and_teacher_forcing_inputs(tiny: tuple[torch.nn.Module, Any]) -> None:
     model, processor = tiny
-    adapter = Gemma3Adapter()
+    adapter = Gemma3Family()
     image = Image.new("RGB", (60, 30), (255, 0, 0))
     prompt = adapter.prepare(model, processor, image, QUESTION)
     tokenizer = processor.tokenizer
@@ -411,7 +411,7 @@ def test_sliding_window_limit_matches_the_mask(photo: Image.Image) -> None:
     (31 - kv >= 20): eager gives them zero probability, so the scores over every image key would be wrong and
     the adapter refuses; the global block, or a sequence within the window, is accepted."""
     model, processor = build_tiny_gemma3(seed=0, sliding_window=20, attn_implementation="eager")
-    adapter = Gemma3Adapter()
+    adapter = Gemma3Family()
     prompt = adapter.prepare(model, processor, photo, QUESTION)
     assert prompt.length == 32
     with torch.no_grad():
@@ -426,7 +426,7 @@ def test_sliding_window_limit_matches_the_mask(photo: Image.Image) -> None:
 
 def test_check_model_refuses_what_it_cannot_attribute(tiny: tuple[torch.nn.Module, Any]) -> None:
     model, processor = tiny
-    adapter = Gemma3Adapter()
+    adapter = Gemma3Family()
     with pytest.raises(UnsupportedModelError, match="Gemma3ForConditionalGeneration"):
         adapter.check_model(torch.nn.Linear(2, 2), processor)
     capped, capped_processor = build_tiny_gemma3(seed=0, attn_logit_softcapping=50.0)
@@ -447,7 +447,7 @@ def test_check_model_refuses_what_it_cannot_attribute(tiny: tuple[torch.nn.Modul
 
 def test_prepare_refuses_a_template_without_one_image(tiny: tuple[torch.nn.Module, Any], photo: Image.Image) -> None:
     model, processor = tiny
-    adapter = Gemma3Adapter()
+    adapter = Gemma3Family()
     with pytest.raises(ImageTokenError, match="placeholders"):
         adapter.prepare(model, processor, photo, f"{BOI} {QUESTION}")
 
@@ -481,7 +481,7 @@ def gemma3_in_table(monkeypatch: pytest.MonkeyPatch) -> None:
             verified="test_family_gemma3",
             defaults=families.AttributionDefaults(layer=None, combine="cls"),
             model_types=("gemma3",),
-            adapter_path="api_tool.backends.lvlm_families.gemma3:Gemma3Adapter",
+            adapter_path="api_tool.backends.lvlm_families.gemma3:Gemma3Family",
             scores_answer=True,
         )
         monkeypatch.setattr(families, "FAMILIES", (*families.FAMILIES, entry))
@@ -494,9 +494,9 @@ def test_lvlm_attributor_map_equals_eager_and_teacher_forcing(
     """``LvlmAttributor`` with this adapter: the raw map is the mean of eager attention over the answer steps,
     it lies on the letterboxed part of the grid, and teacher forcing the answer gives the same map."""
     model, processor = tiny
-    attributor = LvlmAttributor.from_model(model, processor, family=Gemma3Adapter(), layer=1, max_new_tokens=5)
+    attributor = LvlmAttributor.from_model(model, processor, family=Gemma3Family(), layer=1, max_new_tokens=5)
     amap = attributor.attribute(photo, QUESTION)
-    prompt = Gemma3Adapter().prepare(model, processor, photo, QUESTION)
+    prompt = Gemma3Family().prepare(model, processor, photo, QUESTION)
     with torch.no_grad():
         reference = eager.generate(
             **prompt.inputs,
@@ -528,8 +528,8 @@ def test_lvlm_attributor_loads_the_saved_directory(saved: Path, tiny: tuple[torc
     image = Image.new("RGB", (48, 64), (40, 90, 200))
     from_directory = LvlmAttributor(str(saved), layer=0, device="cpu", max_new_tokens=3)
     assert from_directory.family_name == "gemma3"
-    assert isinstance(from_directory.family, Gemma3Adapter)
-    in_memory = LvlmAttributor.from_model(*tiny, family=Gemma3Adapter(), layer=0, max_new_tokens=3)
+    assert isinstance(from_directory.family, Gemma3Family)
+    in_memory = LvlmAttributor.from_model(*tiny, family=Gemma3Family(), layer=0, max_new_tokens=3)
     loaded, expected = from_directory.attribute(image, QUESTION), in_memory.attribute(image, QUESTION)
     assert loaded.metadata["answer"] == expected.metadata["answer"]
     assert_sums_close(loaded.cls, expected.cls, n_terms=FORWARD_TERMS)
@@ -545,7 +545,7 @@ def test_project_is_the_blocks_own_computation(
     from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
     model, processor = tiny
-    adapter = Gemma3Adapter()
+    adapter = Gemma3Family()
     prompt = adapter.prepare(model, processor, photo, QUESTION)
     layer_types = model.config.text_config.layer_types
     hidden = torch.randn(1, prompt.length, 64, generator=torch.Generator().manual_seed(3)).to(dtype)

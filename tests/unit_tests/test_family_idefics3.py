@@ -13,8 +13,8 @@ from PIL import Image
 
 from api_tool.backends.lvlm_families.base import LvlmFamilyAdapter, PreparedPrompt
 from api_tool.backends.lvlm_families.idefics3 import (
-    Idefics3Adapter,
-    SmolVLMAdapter,
+    Idefics3Family,
+    SmolVLMFamily,
     crop_grid,
     pixel_shuffle_patches,
     tile_boxes,
@@ -39,8 +39,8 @@ def _needs(family: str) -> None:
         pytest.importorskip("num2words", reason="SmolVLMProcessor needs num2words")
 
 
-def _adapter(family: str) -> Idefics3Adapter:
-    return Idefics3Adapter() if family == "idefics3" else SmolVLMAdapter()
+def _adapter(family: str) -> Idefics3Family:
+    return Idefics3Family() if family == "idefics3" else SmolVLMFamily()
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -77,7 +77,7 @@ class Probe:
     """Forward pre-hook on one block's attention: keys of the image positions at the first call, the
     image attention of ``query_positions`` then, of every new position at later calls."""
 
-    def __init__(self, adapter: Idefics3Adapter, image_positions: torch.Tensor, query_positions: torch.Tensor):
+    def __init__(self, adapter: Idefics3Family, image_positions: torch.Tensor, query_positions: torch.Tensor):
         self.adapter = adapter
         self.image_positions = image_positions
         self.query_positions = query_positions
@@ -364,7 +364,7 @@ def test_teacher_forcing_inputs_append_the_answer(tiny):
 
 def test_unsplit_image_is_one_global_tile():
     model, processor = build_tiny_idefics3(seed=0, longest_edge=32)
-    prompt = Idefics3Adapter().prepare(model, processor, _gradient_image(30, 20), QUESTION)
+    prompt = Idefics3Family().prepare(model, processor, _gradient_image(30, 20), QUESTION)
     assert len(prompt.tiles) == 1
     assert prompt.tiles[0].box == (0.0, 0.0, 30.0, 20.0)
     assert tile_boxes((30, 20), (0, 0)) == [(0.0, 0.0, 30.0, 20.0)]
@@ -394,7 +394,7 @@ def test_round_trip_through_a_directory(tiny, tmp_path):
 def test_check_model_refuses_what_it_cannot_attribute(tiny):
     family, model, processor = tiny
     adapter = _adapter(family)
-    other = SmolVLMAdapter() if family == "idefics3" else Idefics3Adapter()
+    other = SmolVLMFamily() if family == "idefics3" else Idefics3Family()
     with pytest.raises(UnsupportedModelError, match="model_type"):
         other.check_model(model, processor)
     saved = processor.image_seq_len
@@ -424,7 +424,7 @@ def in_the_table(monkeypatch):
     from api_tool import families
 
     entries = []
-    for name, adapter in (("idefics3", "Idefics3Adapter"), ("smolvlm", "SmolVLMAdapter")):
+    for name, adapter in (("idefics3", "Idefics3Family"), ("smolvlm", "SmolVLMFamily")):
         if any(name in entry.model_types for entry in families.FAMILIES):
             continue
         entries.append(

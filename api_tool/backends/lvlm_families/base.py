@@ -10,6 +10,10 @@ of a family is small:
   one ``Tile`` per grid of image tokens, with the part of the *original* image that grid covers;
 * how the prompt is extended by an answer for teacher forcing (``teacher_forcing_inputs``).
 
+``FamilyAdapter`` is the base class adapters derive from: it gives the common answers (Llama-style
+``project``, the prompt extended by the answer, the language model's own sliding-window limit, no extra
+end tokens, the table's default block) and leaves ``check_model``, ``decoder_layers`` and ``prepare``.
+
 Attention is normalised over the union of all tiles' image tokens (softmax over those keys only),
 then each tile's share is laid back on the original image by ``api_tool.geometry.stitch_tiles``.
 """
@@ -101,6 +105,19 @@ class LvlmFamilyAdapter(Protocol):
         """Inputs for one forward pass over the prompt followed by ``answer_ids``."""
         ...
 
+    def default_layer(self, config: Any) -> int | None:
+        """The block to read when the caller names none (``None``: the family table's default)."""
+        ...
+
+    def check_sequence_length(self, model: torch.nn.Module, layer: int, length: int) -> None:
+        """Raise ``UnsupportedModelError`` when block ``layer`` cannot see ``length`` tokens back (a sliding
+        window shorter than the sequence: the recomputed scores over every image key would be wrong)."""
+        ...
+
+    def end_token_ids(self, processor: Any) -> frozenset[int]:
+        """Ids that end an answer besides the configured EOS ids (e.g. an end-of-turn marker)."""
+        ...
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """``(-x2, x1)`` for the two halves of the last dimension (the Llama RoPE convention)."""
@@ -166,3 +183,54 @@ def appended_inputs(prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, 
         if name not in ("input_ids", "attention_mask") and per_token:
             inputs[name] = torch.cat([value, torch.zeros_like(appended, dtype=value.dtype)], dim=1)
     return inputs
+
+
+class FamilyAdapter:
+    """The common answers of an ``LvlmFamilyAdapter``; a family adapter derives from it and supplies
+    ``name``, ``check_model``, ``decoder_layers`` and ``prepare`` (and overrides what differs)."""
+
+    name: str = ""
+
+    def check_model(self, model: torch.nn.Module, processor: Any) -> None:
+        """Refuse what the adapter cannot attribute exactly (every adapter says what it takes)."""
+        raise NotImplementedError
+
+    def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        """The language model's decoder blocks."""
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, processor: Any, image: Image.Image, question: str) -> PreparedPrompt:
+        """Model inputs for ``image`` and ``question`` and the tiles."""
+        raise NotImplementedError
+
+    def project(
+        self,
+        attention: torch.nn.Module,
+        projection: Projection,
+        hidden: torch.Tensor,
+        position_embeddings: Any,
+        positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Llama-style queries / keys with 1-D RoPE (``rope_project``)."""
+        return rope_project(attention, projection, hidden, position_embeddings, positions)
+
+    def teacher_forcing_inputs(self, prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
+        """The prompt's inputs with the answer appended (``appended_inputs``)."""
+        return appended_inputs(prompt, answer_ids)
+
+    def default_layer(self, config: Any) -> int | None:
+        """``None``: the family table's default block."""
+        return None
+
+    def check_sequence_length(self, model: torch.nn.Module, layer: int, length: int) -> None:
+        """Refuse sequences longer than the language model's sliding window, when it uses one."""
+        text_config = getattr(model.config, "text_config", model.config)
+        window = getattr(text_config, "sliding_window", None)
+        if window and getattr(text_config, "use_sliding_window", True) and length > window:
+            raise UnsupportedModelError(
+                f"the sequence ({length} tokens) exceeds the language model's sliding window ({window})"
+            )
+
+    def end_token_ids(self, processor: Any) -> frozenset[int]:
+        """No end tokens beyond the configured EOS ids."""
+        return frozenset()

@@ -39,10 +39,10 @@ import torch
 from PIL import Image
 
 from api_tool.backends.lvlm_families.base import (
+    FamilyAdapter,
     PreparedPrompt,
     Projection,
     Tile,
-    appended_inputs,
     apply_rotary,
     split_heads,
 )
@@ -125,7 +125,7 @@ def _conversation(question: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
-class Gemma3Adapter:
+class Gemma3Family(FamilyAdapter):
     """``LvlmFamilyAdapter`` for Gemma 3 (``Gemma3ForConditionalGeneration``, ``model_type`` ``"gemma3"``).
 
     Besides the protocol: ``check_sequence_length(model, layer, length)`` (the sliding-window limit of the
@@ -135,7 +135,7 @@ class Gemma3Adapter:
     Example:
         >>> from tests.tiny_lvlms.gemma3 import build_tiny_gemma3
         >>> model, processor = build_tiny_gemma3()
-        >>> adapter = Gemma3Adapter()
+        >>> adapter = Gemma3Family()
         >>> adapter.check_model(model, processor)
         >>> prompt = adapter.prepare(model, processor, Image.new("RGB", (60, 30)), "What is it?")
         >>> prompt.tiles[0].grid, prompt.tiles[0].box
@@ -320,12 +320,6 @@ class Gemma3Adapter:
             raise ImageTokenError("token_type_ids do not mark exactly the image soft tokens")
         tile = Tile(positions=positions, grid=(grid, grid), box=letterbox_tile_box(letterbox))
         return PreparedPrompt(inputs=inputs, text=text, tiles=(tile,))
-
-    def teacher_forcing_inputs(self, prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
-        """The prompt's inputs with ``answer_ids`` appended (``base.appended_inputs``): ``input_ids``, an
-        all-ones ``attention_mask``, ``token_type_ids`` extended with zeros (answer tokens are text, so the
-        image block stays exactly the prefill's bidirectional one) and the same ``pixel_values``."""
-        return appended_inputs(prompt, answer_ids)
 
     # -- helpers ------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Handles ``Idefics3ForConditionalGeneration`` (model_type ``idefics3``, e.g. Idef
 ``SmolVLMForConditionalGeneration`` (model_type ``smolvlm``, SmolVLM / SmolVLM2). The two share the
 processor's image splitting, the vision tower, the connector and a Llama language model; they differ
 only in the begin-of-text token of the chat template, so one adapter class serves both
-(``SmolVLMAdapter`` is ``Idefics3Adapter`` with another ``name`` / ``model_types`` / fallback prompt).
+(``SmolVLMFamily`` is ``Idefics3Family`` with another ``name`` / ``model_types`` / fallback prompt).
 
 Image processing (``Idefics3ImageProcessor`` / ``SmolVLMImageProcessor`` in transformers 5.24, torch
 and PIL backends alike), for an original image of ``W x H`` pixels and crop side ``M =
@@ -61,7 +61,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from api_tool.backends.lvlm_families.base import PreparedPrompt, Projection, Tile
+from api_tool.backends.lvlm_families.base import FamilyAdapter, PreparedPrompt, Tile
 from api_tool.errors import ImageTokenError, UnsupportedModelError
 from api_tool.geometry import Box
 
@@ -260,43 +260,21 @@ def split_positions(input_ids: torch.Tensor, image_token_id: int, frames: int, t
 
 
 # ----------------------------------------------------------------------------------------------
-# Rotary maths (Llama convention).
-# ----------------------------------------------------------------------------------------------
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``(-x2, x1)`` for the two halves of the last dimension."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``states (B, H, S, D)`` with ``cos, sin (B, S, D)``."""
-    return states * cos[:, None] + rotate_half(states) * sin[:, None]
-
-
-def split_heads(projected: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``(B, S, H * D) -> (B, H, S, D)``."""
-    batch, length, _ = projected.shape
-    return projected.view(batch, length, -1, head_dim).transpose(1, 2)
-
-
-# ----------------------------------------------------------------------------------------------
 # The adapter.
 # ----------------------------------------------------------------------------------------------
 
 
-class Idefics3Adapter:
+class Idefics3Family(FamilyAdapter):
     """``LvlmFamilyAdapter`` for Idefics3 (``Idefics3ForConditionalGeneration``); see the module docstring.
 
     Example:
-        >>> adapter = Idefics3Adapter()
+        >>> adapter = Idefics3Family()
         >>> adapter.check_model(model, processor)  # doctest: +SKIP
         >>> prompt = adapter.prepare(model, processor, image, "What is on the table?")  # doctest: +SKIP
         >>> [tile.box for tile in prompt.tiles]  # doctest: +SKIP
     """
 
-    name: ClassVar[str] = "idefics3"
+    name = "idefics3"
     model_types: ClassVar[tuple[str, ...]] = ("idefics3",)
     fallback_prompt: ClassVar[str] = "<|begin_of_text|>User:<image>{question}<end_of_utterance>\nAssistant:"
     """The checkpoint's chat template rendered, for a processor without one."""
@@ -373,26 +351,6 @@ class Idefics3Adapter:
             raise UnsupportedModelError(f"cannot find the decoder blocks of {type(model).__name__}")
         return layers
 
-    def project(
-        self,
-        attention: torch.nn.Module,
-        projection: Projection,
-        hidden: torch.Tensor,
-        position_embeddings: Any,
-        positions: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Queries or keys as ``LlamaAttention`` computes them: ``q_proj`` / ``k_proj`` (with bias if any),
-        split into heads, 1-D RoPE with the block's ``(cos, sin)``; fp32, ``(B, heads, len, head_dim)``."""
-        if position_embeddings is None:
-            raise UnsupportedModelError("the attention layer received no rotary position embeddings")
-        cos, sin = (part if part.dim() == 3 else part[None] for part in position_embeddings)
-        if positions is not None:
-            index = positions.to(hidden.device)
-            hidden, cos, sin = hidden[:, index], cos[:, index], sin[:, index]
-        linear = attention.q_proj if projection == "q" else attention.k_proj
-        states = split_heads(linear(hidden), int(attention.head_dim)).float()
-        return apply_rotary(states, cos.float(), sin.float())
-
     def prompt_text(self, processor: Any, question: str) -> str:
         """The generation prompt: the processor's chat template (one image, then the question) with the
         assistant turn opened, or the checkpoint's format when the processor has no template."""
@@ -460,22 +418,10 @@ class Idefics3Adapter:
             return frozenset()
         return frozenset({int(found)})
 
-    def teacher_forcing_inputs(self, prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
-        """The prompt's inputs with ``answer_ids`` appended to ``input_ids`` (and ones to the attention
-        mask); the pixel inputs unchanged."""
-        input_ids = prompt.inputs["input_ids"]
-        answer = torch.tensor([answer_ids], dtype=input_ids.dtype, device=input_ids.device)
-        inputs = dict(prompt.inputs)
-        inputs["input_ids"] = torch.cat([input_ids, answer], dim=1)
-        if "attention_mask" in inputs:
-            mask = inputs["attention_mask"]
-            inputs["attention_mask"] = torch.cat([mask, torch.ones_like(answer, dtype=mask.dtype)], dim=1)
-        return inputs
 
-
-class SmolVLMAdapter(Idefics3Adapter):
+class SmolVLMFamily(Idefics3Family):
     """``LvlmFamilyAdapter`` for SmolVLM / SmolVLM2 (``SmolVLMForConditionalGeneration``): Idefics3's layout."""
 
-    name: ClassVar[str] = "smolvlm"
+    name = "smolvlm"
     model_types: ClassVar[tuple[str, ...]] = ("smolvlm",)
     fallback_prompt: ClassVar[str] = "<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:"

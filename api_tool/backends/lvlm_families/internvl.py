@@ -43,10 +43,10 @@ from transformers import InternVLForConditionalGeneration
 from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
 from api_tool.backends.lvlm_families.base import (
+    FamilyAdapter,
     PreparedPrompt,
     Projection,
     Tile,
-    appended_inputs,
     apply_rotary,
 )
 from api_tool.errors import ImageTokenError, UnsupportedModelError
@@ -218,7 +218,7 @@ def _language_model(model: torch.nn.Module) -> torch.nn.Module:
     return language_model
 
 
-class InternVLFamily:
+class InternVLFamily(FamilyAdapter):
     """The InternVL adapter (see the module docstring): dynamic tiles + thumbnail, pixel-shuffled token grids.
 
     Args:
@@ -373,10 +373,6 @@ class InternVLFamily:
                 f"({limit}); pass fewer tiles (max_tiles)"
             )
         return PreparedPrompt(inputs=inputs, text=text, tiles=tiles)
-
-    def teacher_forcing_inputs(self, prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
-        """The prompt's inputs (same pixels) with the answer's ids appended and the attention mask extended."""
-        return appended_inputs(prompt, answer_ids)
 
     # -- helpers -------------------------------------------------------------------------------
 

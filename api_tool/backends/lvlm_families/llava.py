@@ -16,14 +16,7 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, PretrainedConfig
 
-from api_tool.backends.lvlm_families.base import (
-    PreparedPrompt,
-    Projection,
-    Tile,
-    appended_inputs,
-    check_plain_rotary_attention,
-    rope_project,
-)
+from api_tool.backends.lvlm_families.base import FamilyAdapter, PreparedPrompt, Tile, check_plain_rotary_attention
 from api_tool.errors import ImageTokenError, UnsupportedModelError
 from api_tool.geometry import Box, Letterbox
 
@@ -104,7 +97,7 @@ def check_llava_config(config: PretrainedConfig) -> None:
         )
 
 
-class LlavaFamily:
+class LlavaFamily(FamilyAdapter):
     """The LLaVA-1.5 adapter (see the module docstring)."""
 
     name = "llava"
@@ -126,17 +119,6 @@ class LlavaFamily:
     def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         """The language model's decoder blocks."""
         return language_model_layers(model)
-
-    def project(
-        self,
-        attention: torch.nn.Module,
-        projection: Projection,
-        hidden: torch.Tensor,
-        position_embeddings: Any,
-        positions: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Llama-style queries / keys with 1-D RoPE."""
-        return rope_project(attention, projection, hidden, position_embeddings, positions)
 
     def prepare(self, model: torch.nn.Module, processor: Any, image: Image.Image, question: str) -> PreparedPrompt:
         """Letterbox the image onto the square input, render the chat prompt, find the grid's tokens."""
@@ -177,7 +159,3 @@ class LlavaFamily:
         positions = image_positions(inputs["input_ids"][0], image_token_id(model.config), grid)
         tile = Tile(positions=positions, grid=grid, box=letterbox_tile_box(letterbox))
         return PreparedPrompt(inputs=inputs, text=text, tiles=(tile,))
-
-    def teacher_forcing_inputs(self, prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
-        """The prompt's inputs with the answer appended."""
-        return appended_inputs(prompt, answer_ids)

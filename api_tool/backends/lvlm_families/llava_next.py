@@ -63,12 +63,10 @@ from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForCon
 from transformers.image_processing_utils import select_best_resolution
 
 from api_tool.backends.lvlm_families.base import (
+    FamilyAdapter,
     PreparedPrompt,
-    Projection,
     Tile,
-    appended_inputs,
     check_plain_rotary_attention,
-    rope_project,
 )
 from api_tool.backends.lvlm_families.llava import check_llava_config, image_token_id, language_model_layers
 from api_tool.errors import ImageTokenError, UnsupportedModelError
@@ -344,7 +342,7 @@ def processor_sides(image_processor: Any) -> tuple[int | None, int | None]:
 # ----------------------------------------------------------------------------------------------
 
 
-class AnyresLlavaFamily:
+class AnyresLlavaFamily(FamilyAdapter):
     """The shared adapter of LLaVA-NeXT and LLaVA-OneVision (see the module docstring); the subclasses
     name the model class and whether the high-resolution grid may be pooled."""
 
@@ -403,17 +401,6 @@ class AnyresLlavaFamily:
         """The language model's decoder blocks."""
         return language_model_layers(model)
 
-    def project(
-        self,
-        attention: torch.nn.Module,
-        projection: Projection,
-        hidden: torch.Tensor,
-        position_embeddings: Any,
-        positions: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Llama-style queries / keys with 1-D RoPE (Llama, Mistral, Qwen2 blocks)."""
-        return rope_project(attention, projection, hidden, position_embeddings, positions)
-
     def prepare(self, model: torch.nn.Module, processor: Any, image: Image.Image, question: str) -> PreparedPrompt:
         """The chat prompt with the original image through the family's processor, and the tiles."""
         from api_tool.backends.lvlm import prompt_text
@@ -451,11 +438,6 @@ class AnyresLlavaFamily:
                 "processor's patch_size / num_additional_image_tokens / num_image_tokens match the model?"
             )
         return PreparedPrompt(inputs=inputs, text=text, tiles=layout.tiles(positions))
-
-    def teacher_forcing_inputs(self, prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
-        """The prompt's inputs (pixels, ``image_sizes``, OneVision's ``batch_num_images``) with the answer
-        appended to ``input_ids``."""
-        return appended_inputs(prompt, answer_ids)
 
     # -- helpers ---------------------------------------------------------------------------------
 
