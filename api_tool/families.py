@@ -89,6 +89,20 @@ FAMILIES: tuple[Family, ...] = (
         spec_prefixes=("llava",),
     ),
     Family(
+        name="qwen2_vl",
+        backend="lvlm",
+        classes="Qwen2VL / Qwen2_5_VL / Qwen3VL / Qwen3VLMoe ForConditionalGeneration (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)",
+        geometry="dynamic resolution: the whole image stretched to multiples of 28 px (32 for Qwen3-VL), no crop; "
+        "one grid of 2 x 2-merged tokens whose box is the whole image",
+        verified="map = eager output_attentions at every generation step and under teacher forcing (3-D M-RoPE "
+        "tables identical in both); Qwen3-VL q/k norms; planted square lands on its pixels on stretched images",
+        defaults=AttributionDefaults(layer=None, combine="cls"),
+        model_types=("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"),
+        adapter_path="api_tool.backends.lvlm_families.qwen2_vl:Qwen2VLFamily",
+        scores_answer=True,
+        wraps_chat_model=True,
+    ),
+    Family(
         name="llava_next",
         backend="lvlm",
         classes="LlavaNextForConditionalGeneration (LLaVA-NeXT / 1.6; Llama / Mistral / Qwen2 text models)",

@@ -119,7 +119,8 @@ class AttributionMap:
     """Query-guided relevance of each image region, on the model's patch grid.
 
     Attributes:
-        cls: raw Psi_cls (CLIP) or raw head/step-averaged attention (LLaVA), ``h x w``.
+        raw: the backend's raw map on its grid, ``h x w``: Psi_cls for CLIP, the head- and step-averaged
+            attention to the image tokens for an LVLM (several tiles stitched onto one grid).
         comp: raw Psi_comp (CLIP only), ``h x w``, or ``None``.
         mask: the processed map in [0, 1], ``h x w``; what is rendered.
         image_size: ``(width, height)`` of the original image, in pixels.
@@ -133,7 +134,7 @@ class AttributionMap:
         True
     """
 
-    cls: FloatArray
+    raw: FloatArray
     comp: FloatArray | None
     mask: FloatArray
     image_size: tuple[int, int]
@@ -142,15 +143,21 @@ class AttributionMap:
     metadata: dict[str, object] = field(default_factory=dict)
 
     @property
+    def cls(self) -> FloatArray:
+        """CLIP's raw Psi_cls: the same array as ``raw`` (the name LVLM maps should not be read by)."""
+        return self.raw
+
+    @property
     def grid_shape(self) -> tuple[int, int]:
         """``(rows, cols)`` of the patch grid."""
         return (int(self.mask.shape[0]), int(self.mask.shape[1]))
 
-    def upsample(self, size: tuple[int, int] | None = None, resample: str = "lanczos") -> FloatArray:
-        """The mask at pixel size, ``(height, width)``, aligned with the original image, in [0, 1].
+    def upsample(self, size: tuple[int, int] | None = None, resample: str = "lanczos") -> NDArray[np.float32]:
+        """The mask at pixel size, ``(height, width)`` float32, aligned with the original image, in [0, 1].
 
         ``size`` is ``(width, height)``; it defaults to the original image size. Only the part of
-        the grid that covers the image (not the letterbox padding) is stretched onto it.
+        the grid that covers the image (not the letterbox padding) is stretched onto it. float32 is
+        the precision Pillow resamples in, and half the memory of float64 (256 MiB at 64 MP).
         """
         width, height = size if size is not None else self.image_size
         return upsample_grid(self.mask, self.grid_box, (width, height), resample=resample)

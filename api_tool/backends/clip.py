@@ -413,7 +413,7 @@ class ClipAttributor:
             cls_map, comp_map, combine=self.combine, enhance_coe=self.enhance_coe, kernel_size=self.kernel_size
         )
         return AttributionMap(
-            cls=cls_map,
+            raw=cls_map,
             comp=comp_map,
             mask=mask,
             image_size=features.image_size,

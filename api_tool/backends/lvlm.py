@@ -485,7 +485,7 @@ class LvlmAttributor:
             tokenizer.convert_ids_to_tokens(steps.answer_ids[i]) for i in selected if i < len(steps.answer_ids)
         ]
         return AttributionMap(
-            cls=raw,
+            raw=raw,
             comp=None,
             mask=mask,
             image_size=image.size,

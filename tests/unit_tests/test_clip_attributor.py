@@ -292,17 +292,17 @@ def test_registry_loads_weights_once_per_spec_and_device(monkeypatch: pytest.Mon
 
 
 def test_registry_shares_one_llava_across_dtype_spellings(monkeypatch: pytest.MonkeyPatch) -> None:
-    import api_tool.backends.llava as llava_backend
+    import api_tool.backends.lvlm as lvlm_backend
     from api_tool.backends import registry
 
     loads: list[object] = []
-    real_load = llava_backend.load_llava
+    real_load = lvlm_backend.load_lvlm
 
-    def counting_load(model: Any, dtype: torch.dtype, *, layer: int | None = None) -> Any:
+    def counting_load(model: Any, dtype: torch.dtype, **options: Any) -> Any:
         loads.append(dtype)
-        return real_load(model, dtype, layer=layer)
+        return real_load(model, dtype, **options)
 
-    monkeypatch.setattr(llava_backend, "load_llava", counting_load)
+    monkeypatch.setattr(lvlm_backend, "load_lvlm", counting_load)
     registry.clear_cache()
     try:
         spelled = [

@@ -472,7 +472,9 @@ def test_modes_and_options_are_checked(tmp_path: Path) -> None:
         EvalOptions(batch_size=0)
     with pytest.raises(InvalidParameterError, match="--combine applies to CLIP"):
         build_attributor("self", RuleTarget(), combine="cls")
-    with pytest.raises(UnsupportedModelError, match="needs a ChatTransformersVLM target wrapping a model of an LVLM family"):
+    with pytest.raises(
+        UnsupportedModelError, match="needs a ChatTransformersVLM target wrapping a model of an LVLM family"
+    ):
         build_attributor("self", RuleTarget())
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from tests.tiny_lvlms.gemma3 import build_tiny_gemma3
 from tests.tiny_lvlms.idefics3 import build_tiny_idefics3, build_tiny_smolvlm
 from tests.tiny_lvlms.internvl import build_tiny_internvl
 from tests.tiny_lvlms.llava_next import build_tiny_llava_next, build_tiny_llava_onevision
+from tests.tiny_lvlms.qwen2_vl import build_tiny_qwen2_vl
 from tests.tiny_models import tiny_llava
 from tests.tolerances import assert_sums_close
 
@@ -34,15 +36,19 @@ def _llava(seed: int = 0) -> tuple[Any, Any]:
     return tiny.model, tiny.processor
 
 
-BUILDERS: dict[str, Callable[..., tuple[Any, Any]]] = {
-    "llava": _llava,
-    "llava_next": build_tiny_llava_next,
-    "llava_onevision": build_tiny_llava_onevision,
-    "gemma3": build_tiny_gemma3,
-    "idefics3": build_tiny_idefics3,
-    "smolvlm": build_tiny_smolvlm,
-    "internvl": build_tiny_internvl,
+BUILDERS: dict[str, tuple[str, Callable[..., tuple[Any, Any]]]] = {
+    "llava": ("llava", _llava),
+    "llava_next": ("llava_next", build_tiny_llava_next),
+    "llava_onevision": ("llava_onevision", build_tiny_llava_onevision),
+    "gemma3": ("gemma3", build_tiny_gemma3),
+    "idefics3": ("idefics3", build_tiny_idefics3),
+    "smolvlm": ("smolvlm", build_tiny_smolvlm),
+    "internvl": ("internvl", build_tiny_internvl),
+    "qwen2_vl": ("qwen2_vl", partial(build_tiny_qwen2_vl, variant="qwen2_vl")),
+    "qwen2_5_vl": ("qwen2_vl", partial(build_tiny_qwen2_vl, variant="qwen2_5_vl")),
+    "qwen3_vl": ("qwen2_vl", partial(build_tiny_qwen2_vl, variant="qwen3_vl")),
 }
+"""Test case -> (family in the table, builder of a tiny random-weight model and its processor)."""
 QUESTION = "what is in the image?"
 
 
@@ -51,16 +57,17 @@ def photo() -> Image.Image:
 
 
 def test_every_lvlm_family_in_the_table_is_tested_here() -> None:
-    assert {entry.name for entry in lvlm_families()} <= set(BUILDERS)
+    assert {entry.name for entry in lvlm_families()} <= {family for family, _ in BUILDERS.values()}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Any, Any]:
-    model, processor = BUILDERS[request.param](seed=0)
+    family, build = BUILDERS[request.param]
+    model, processor = build(seed=0)
     directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
-    return request.param, directory, model, processor
+    return family, directory, model, processor
 
 
 def test_a_saved_model_of_every_family_through_the_registry_and_the_cli(saved, tmp_path: Path, capsys) -> None:
@@ -70,7 +77,7 @@ def test_a_saved_model_of_every_family_through_the_registry_and_the_cli(saved, t
     assert amap.metadata["family"] == name and amap.upsample().shape == (36, 60)
     in_memory = LvlmAttributor.from_model(model, processor, layer=-1, max_new_tokens=3).attribute(photo(), QUESTION)
     assert in_memory.metadata["answer"] == amap.metadata["answer"]
-    assert_sums_close(in_memory.cls, amap.cls, n_terms=2048)
+    assert_sums_close(in_memory.raw, amap.raw, n_terms=2048)
     image = tmp_path / "photo.png"
     photo().save(image)
     argv = [str(image), QUESTION, "-o", str(tmp_path / "out.png"), "--backend", "lvlm", "--model", str(directory)]

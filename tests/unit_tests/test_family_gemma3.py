@@ -511,14 +511,14 @@ def test_lvlm_attributor_map_equals_eager_and_teacher_forcing(
     answer_ids = generated[: next((i for i, t in enumerate(generated) if t in ends), len(generated))]
     assert amap.metadata["steps"] == max(1, len(answer_ids)) > 1
     expected = eager_rows(reference.attentions, 1, IMAGE_POSITIONS)[: amap.metadata["steps"]].mean(axis=0)
-    assert_sums_close(amap.cls, expected.reshape(4, 4), n_terms=FORWARD_TERMS)
+    assert_sums_close(amap.raw, expected.reshape(4, 4), n_terms=FORWARD_TERMS)
     # 72x40 onto 32 px: scaled to 32x18, pasted 7 px down; on the 4x4 grid (8 px cells) rows 7/8 .. 25/8.
     assert amap.grid_box == pytest.approx((0.0, 0.875, 4.0, 3.125))
     assert amap.metadata["tiles"][0]["grid"] == [4, 4]
 
     forced = attributor.attribute(photo, QUESTION, answer=amap.metadata["answer"])
     assert forced.metadata["step_tokens"] == amap.metadata["step_tokens"]
-    assert_sums_close(forced.cls, amap.cls, n_terms=FORWARD_TERMS)
+    assert_sums_close(forced.raw, amap.raw, n_terms=FORWARD_TERMS)
 
 
 @pytest.mark.usefixtures("gemma3_in_table")
@@ -532,7 +532,7 @@ def test_lvlm_attributor_loads_the_saved_directory(saved: Path, tiny: tuple[torc
     in_memory = LvlmAttributor.from_model(*tiny, family=Gemma3Family(), layer=0, max_new_tokens=3)
     loaded, expected = from_directory.attribute(image, QUESTION), in_memory.attribute(image, QUESTION)
     assert loaded.metadata["answer"] == expected.metadata["answer"]
-    assert_sums_close(loaded.cls, expected.cls, n_terms=FORWARD_TERMS)
+    assert_sums_close(loaded.raw, expected.raw, n_terms=FORWARD_TERMS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -454,7 +454,7 @@ def test_lvlm_attributor_maps_the_planted_square(in_the_table, family, size, squ
     image = bright_square_image(size, square)
     generated = attributor.attribute(image, QUESTION)
     assert len(generated.metadata["tiles"]) == 7
-    raw, (gx0, gy0, gx1, gy1) = generated.cls, generated.grid_box
+    raw, (gx0, gy0, gx1, gy1) = generated.raw, generated.grid_box
     rows, cols = raw.shape
     # the stitched canvas starts at the image's corner; its cell (r, c) spans these original pixels
     cell_w, cell_h = size[0] / (gx1 - gx0), size[1] / (gy1 - gy0)
@@ -475,4 +475,4 @@ def test_lvlm_attributor_maps_the_planted_square(in_the_table, family, size, squ
     # teacher forcing on the model's own answer scores the same
     forced = attributor.attribute(image, QUESTION, answer=generated.metadata["answer"])
     assert forced.metadata["steps"] == generated.metadata["steps"]
-    assert_sums_close(forced.cls, generated.cls, n_terms=N_TERMS)
+    assert_sums_close(forced.raw, generated.raw, n_terms=N_TERMS)

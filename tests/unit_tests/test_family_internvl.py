@@ -393,8 +393,8 @@ def test_through_the_shared_mechanism_once_the_family_table_lists_internvl():
     image = bright_rectangle_image((150, 100), (75, 25, 113, 50))
     generated = attributor.attribute(image, QUESTION)
     forced = attributor.attribute(image, QUESTION, answer=generated.metadata["answer"])
-    assert generated.cls.shape == (8, 12)
-    lit = {(int(r), int(c)) for r, c in zip(*np.nonzero(generated.cls > 0.01 * generated.cls.max()))}
+    assert generated.raw.shape == (8, 12)
+    lit = {(int(r), int(c)) for r, c in zip(*np.nonzero(generated.raw > 0.01 * generated.raw.max()))}
     assert lit == {(row, col) for row in (2, 3) for col in (6, 7, 8)}
-    assert_sums_close(forced.cls, generated.cls, n_terms=FORWARD_TERMS)
+    assert_sums_close(forced.raw, generated.raw, n_terms=FORWARD_TERMS)
     assert len(generated.metadata["tiles"]) == 7

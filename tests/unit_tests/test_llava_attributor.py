@@ -128,8 +128,8 @@ def test_generation_map_equals_eager_output_attentions(
     steps, generated = eager_step_maps(eager_model, saved_llava.processor, photo, QUESTION, LAYER, MAX_NEW_TOKENS)
     assert amap.metadata["answer"] == saved_llava.processor.tokenizer.decode(generated, skip_special_tokens=True)
     assert amap.metadata["steps"] == len(steps) == MAX_NEW_TOKENS
-    assert_sums_close(amap.cls, steps.mean(axis=0).reshape(8, 8), n_terms=FORWARD_TERMS)
-    assert amap.cls.sum() == pytest.approx(1.0, abs=sum_tolerance(2 * GRID_CELLS))  # float32 softmax, float64 sum
+    assert_sums_close(amap.raw, steps.mean(axis=0).reshape(8, 8), n_terms=FORWARD_TERMS)
+    assert amap.raw.sum() == pytest.approx(1.0, abs=sum_tolerance(2 * GRID_CELLS))  # float32 softmax, float64 sum
     assert amap.mask.min() == 0.0 and amap.mask.max() == 1.0
     assert amap.metadata["backend"] == "llava" and amap.metadata["layer"] == LAYER
     assert amap.metadata["mode"] == "generate"
@@ -142,9 +142,9 @@ def test_teacher_forcing_equals_generation_on_own_answer(attributor: LlavaAttrib
     forced = attributor.attribute(photo, QUESTION, answer=answer)
     assert forced.metadata["mode"] == "teacher_forcing" and forced.metadata["answer"] == answer
     assert forced.metadata["step_tokens"] == generated.metadata["step_tokens"]
-    assert_sums_close(forced.cls, generated.cls, n_terms=FORWARD_TERMS)
+    assert_sums_close(forced.raw, generated.raw, n_terms=FORWARD_TERMS)
     recipe = {"combine": "cls", "enhance_coe": attributor.enhance_coe, "kernel_size": attributor.kernel_size}
-    np.testing.assert_array_equal(forced.mask, combine_maps(forced.cls, None, **recipe))
+    np.testing.assert_array_equal(forced.mask, combine_maps(forced.raw, None, **recipe))
 
 
 def test_teacher_forcing_of_another_answer_scores_its_own_steps(
@@ -153,11 +153,11 @@ def test_teacher_forcing_of_another_answer_scores_its_own_steps(
     answer = "a red circle left of a blue square."
     forced = attributor.attribute(photo, QUESTION, answer=answer)
     assert forced.metadata["steps"] == len(saved_llava.processor.tokenizer(answer, add_special_tokens=False).input_ids)
-    assert not np.allclose(forced.cls, attributor.attribute(photo, QUESTION).cls, atol=1e-4)
+    assert not np.allclose(forced.raw, attributor.attribute(photo, QUESTION).raw, atol=1e-4)
     empty = attributor.attribute(photo, QUESTION, answer="")
     first_step, _ = eager_step_maps(eager_model, saved_llava.processor, photo, QUESTION, LAYER, 1)
     assert empty.metadata["steps"] == 1
-    assert_sums_close(empty.cls, first_step[0].reshape(8, 8), n_terms=FORWARD_TERMS)
+    assert_sums_close(empty.raw, first_step[0].reshape(8, 8), n_terms=FORWARD_TERMS)
 
 
 def test_focus_averages_only_the_steps_of_the_substring(
@@ -168,12 +168,12 @@ def test_focus_averages_only_the_steps_of_the_substring(
     index = next(i for i, word in enumerate(words) if words.count(word) == 1 and word.isalpha())
     focused = attributor.attribute(photo, QUESTION, focus=words[index].upper())
     assert focused.metadata["steps"] == 1 and focused.metadata["step_tokens"] == [words[index]]
-    assert_sums_close(focused.cls, steps[index].reshape(8, 8), n_terms=FORWARD_TERMS)
+    assert_sums_close(focused.raw, steps[index].reshape(8, 8), n_terms=FORWARD_TERMS)
     two_words = index + 1 < len(words) and words[index + 1].isalpha()
     span = f"{words[index]} {words[index + 1]}" if two_words else words[index]
     pair = attributor.attribute(photo, QUESTION, answer=focused.metadata["answer"], focus=span)
     expected = steps[index : index + len(span.split())].mean(axis=0)
-    assert_sums_close(pair.cls, expected.reshape(8, 8), n_terms=FORWARD_TERMS)
+    assert_sums_close(pair.raw, expected.reshape(8, 8), n_terms=FORWARD_TERMS)
     with pytest.raises(FocusNotFoundError, match="zebra"):
         attributor.attribute(photo, QUESTION, focus="zebra")
 
@@ -193,7 +193,7 @@ def test_end_of_sequence_step_is_left_out(saved_llava: TinyLlava, eager_model, p
         eager_model, saved_llava.processor, photo, QUESTION, LAYER, MAX_NEW_TOKENS, eos_token_id=generated[stop_at]
     )
     assert kept == generated[:stop_at] and amap.metadata["steps"] == stop_at == len(steps)
-    assert_sums_close(amap.cls, steps.mean(axis=0).reshape(8, 8), n_terms=FORWARD_TERMS)
+    assert_sums_close(amap.raw, steps.mean(axis=0).reshape(8, 8), n_terms=FORWARD_TERMS)
 
 
 def test_attention_forced_onto_one_patch_lands_on_its_cell_and_pixels() -> None:
@@ -205,8 +205,8 @@ def test_attention_forced_onto_one_patch_lands_on_its_cell_and_pixels() -> None:
     image = bright_square_image((320, 160), square)
     sharp = LlavaAttributor.from_model(tiny.model, tiny.processor, layer=0, max_new_tokens=2, kernel_size=1)
     amap = sharp.attribute(image, "where is the square?")
-    assert np.unravel_index(np.argmax(amap.cls), amap.cls.shape) == (3, 4)
-    assert amap.cls[3, 4] > 0.99
+    assert np.unravel_index(np.argmax(amap.raw), amap.raw.shape) == (3, 4)
+    assert amap.raw[3, 4] > 0.99
     assert amap.grid_box == pytest.approx((0.0, 2.0, 8.0, 6.0))
     pixels = amap.upsample()
     assert pixels.shape == (160, 320)
@@ -231,9 +231,9 @@ def test_batch_and_many_equal_single_calls(saved_llava: TinyLlava, photo: Image.
     batch = short.attribute_batch([photo, other], [QUESTION, "is there a square?"], answers=[None, "yes"])
     many = short.attribute_many(photo, [QUESTION, "is there a square?"])
     for expected, got in zip(single, batch):
-        np.testing.assert_array_equal(expected.cls, got.cls)
+        np.testing.assert_array_equal(expected.raw, got.raw)
         assert expected.metadata == got.metadata
-    np.testing.assert_array_equal(many[0].cls, single[0].cls)
+    np.testing.assert_array_equal(many[0].raw, single[0].raw)
     assert many[1].query == "is there a square?" and many[1].metadata["mode"] == "generate"
     with pytest.raises(InvalidQueryError, match="2 images but 1 queries"):
         short.attribute_batch([photo, other], [QUESTION])
@@ -250,7 +250,7 @@ def test_local_directory_round_trip(saved_llava: TinyLlava, attributor: LlavaAtt
     assert from_dir.model.dtype == torch.float32
     loaded_map = from_dir.attribute(photo, QUESTION)
     shared_map = attributor.attribute(photo, QUESTION)
-    assert_sums_close(loaded_map.cls, shared_map.cls, n_terms=FORWARD_TERMS)
+    assert_sums_close(loaded_map.raw, shared_map.raw, n_terms=FORWARD_TERMS)
     assert loaded_map.metadata["answer"] == shared_map.metadata["answer"]
 
 
@@ -272,7 +272,7 @@ def test_bfloat16_on_cpu_is_close_to_float32(saved_llava: TinyLlava, attributor:
     low = half.attribute(photo, QUESTION, answer=answer)
     full = attributor.attribute(photo, QUESTION, answer=answer)
     assert half.model.dtype == torch.bfloat16
-    assert np.corrcoef(low.cls.ravel(), full.cls.ravel())[0, 1] > 0.99
+    assert np.corrcoef(low.raw.ravel(), full.raw.ravel())[0, 1] > 0.99
 
 
 def test_demo_resolves_to_the_shipped_directory(saved_llava: TinyLlava, monkeypatch: pytest.MonkeyPatch) -> None:
