@@ -8,10 +8,15 @@ over the whole image, which misaligns it on non-square images.)
 
 Coordinates are ``(x0, y0, x1, y1)`` boxes with x to the right and y down; a grid box is measured
 in patch units (cell ``(row, col)`` spans ``[col, col + 1] x [row, row + 1]``).
+
+Work at pixel size (upsampling a map, rendering, rescaling high-bit-depth images) runs in horizontal
+bands of rows (``row_bands``) of about ``BAND_PIXELS`` pixels each, so that its temporary arrays stay
+small whatever the image size: at the 64 MP limit a float64 copy of an RGB image would be 1.5 GiB.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +27,10 @@ from api_tool.errors import InvalidParameterError
 
 Box = tuple[float, float, float, float]
 GridBox = Box
+
+BAND_PIXELS = 1 << 16
+"""About how many pixels one band of ``row_bands`` holds (8 rows of an 8000-pixel-wide image): a
+float64 RGB band is then 1.5 MiB, and all of a band's temporaries stay under 10 MiB."""
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -80,7 +89,8 @@ class Letterbox:
     def apply(self, image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
         """The letterboxed ``side x side`` RGB image."""
         canvas = Image.new("RGB", (self.side, self.side), fill)
-        canvas.paste(image.convert("RGB").resize(self.scaled_size, Image.Resampling.BICUBIC), self.offset)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # no full-size copy of an RGB image
+        canvas.paste(rgb.resize(self.scaled_size, Image.Resampling.BICUBIC), self.offset)
         return canvas
 
 
@@ -90,21 +100,35 @@ def full_grid_box(grid: tuple[int, int]) -> GridBox:
     return (0.0, 0.0, float(cols), float(rows))
 
 
+def row_bands(height: int, width: int, min_rows: int = 1) -> Iterator[tuple[int, int]]:
+    """``(top, bottom)`` row ranges that cover ``range(height)`` in order, each of about ``BAND_PIXELS``
+    pixels of a ``width``-pixel-wide image and at least ``min_rows`` rows (the last may be shorter)."""
+    rows = max(1, min_rows, BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        yield top, min(height, top + rows)
+
+
 def upsample_grid(
     grid_values: NDArray[np.floating],
     grid_box: GridBox,
     size: tuple[int, int],
     resample: str = "lanczos",
-) -> NDArray[np.float64]:
+) -> NDArray[np.float32]:
     """Resample the ``grid_box`` part of a grid map to ``size = (width, height)`` pixels.
 
-    Returns a ``(height, width)`` float array clipped to the input's value range (Lanczos rings).
+    Returns a ``(height, width)`` float32 array (Pillow resamples in float32) clipped to the input's
+    value range (Lanczos rings). It is filled band by band from Pillow's image, so the only full-size
+    memory besides Pillow's is the result itself.
     """
     values = np.asarray(grid_values, dtype=np.float32)
     picture = Image.fromarray(values, mode="F")
     resized = picture.resize(size, resample=resample_filter(resample), box=grid_box)
-    out = np.asarray(resized, dtype=np.float64)
-    return np.clip(out, float(values.min()), float(values.max()))
+    width, height = size
+    low, high = values.min(), values.max()
+    out = np.empty((height, width), dtype=np.float32)
+    for top, bottom in row_bands(height, width):
+        np.clip(np.asarray(resized.crop((0, top, width, bottom))), low, high, out=out[top:bottom])
+    return out
 
 
 def grid_cell_of_pixel(

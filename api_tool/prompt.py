@@ -31,14 +31,14 @@ class PromptedImage:
     Attributes:
         image: the rendered, attention-prompted image.
         original: the loaded original RGB image.
-        mask: the mask at the original image's pixel size, ``(H, W)`` in [0, 1].
+        mask: the mask at the original image's pixel size, ``(H, W)`` float32 in [0, 1].
         map: the attribution map on the patch grid, with the raw scores.
         timings: seconds per stage (``load``, ``attribute``, ``upsample``, ``render``, ``total``).
     """
 
     image: Image.Image
     original: Image.Image
-    mask: NDArray[np.float64]
+    mask: NDArray[np.float32]
     map: AttributionMap
     timings: dict[str, float] = field(default_factory=dict)
 

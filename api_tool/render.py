@@ -8,6 +8,12 @@ Styles:
   ViCrop does; the crop keeps the original pixels.
 * ``contour``: the outline of the attended region drawn over the unchanged image.
 
+The mask may be float32 or float64 (any real dtype); values outside [0, 1] are clipped. Every style
+works in horizontal bands of rows (``api_tool.geometry.row_bands``), converting one band of pixels
+and mask to float64 at a time and writing the result into the output image, so the memory besides
+the input, the mask and the output stays a few MiB at any image size, and the result is exactly the
+whole-image float64 formula.
+
 Example:
     >>> import numpy as np
     >>> from PIL import Image
@@ -23,9 +29,10 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from api_tool.errors import InvalidParameterError
+from api_tool.geometry import row_bands
 
 Style = Literal["gray", "heatmap", "crop", "contour"]
 STYLES: tuple[str, ...] = ("gray", "heatmap", "crop", "contour")
@@ -44,7 +51,7 @@ def render(
     line_width: int | None = None,
 ) -> Image.Image:
     """Render ``mask`` (``(H, W)`` in [0, 1], aligned with ``image``) in the given ``style``."""
-    rgb = image.convert("RGB")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # read only: no full-size copy
     mask = _checked_mask(mask, rgb.size)
     if style == "gray":
         return blend_gray(rgb, mask, gray_level)
@@ -58,37 +65,55 @@ def render(
 
 
 def blend_gray(image: Image.Image, mask: NDArray[np.floating], gray_level: int = 0) -> Image.Image:
-    """The paper's prompted image ``I * M + (1 - M) * g``."""
+    """The paper's prompted image ``I * M + (1 - M) * g``, in float64, band by band."""
     if not 0 <= gray_level <= 255:
         raise InvalidParameterError(f"gray_level must be in 0..255, got {gray_level}")
-    pixels = np.asarray(image, dtype=np.float64)
-    weight = mask[..., None]
-    blended = pixels * weight + (1.0 - weight) * float(gray_level)
-    return Image.fromarray(np.rint(blended).astype(np.uint8), mode="RGB")
+    out = Image.new("RGB", image.size)
+    for top, bottom in row_bands(image.height, image.width):
+        pixels = _pixel_band(image, top, bottom)
+        weight = _mask_band(mask, top, bottom)[..., None]
+        pixels *= weight
+        pixels += (1.0 - weight) * float(gray_level)
+        out.paste(Image.fromarray(np.rint(pixels, out=pixels).astype(np.uint8), mode="RGB"), (0, top))
+    return out
 
 
 def jet_colors(values: NDArray[np.floating]) -> NDArray[np.uint8]:
     """The jet colormap (blue -> cyan -> yellow -> red) of values in [0, 1]: ``(..., 3)`` uint8."""
     x = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)[..., None]
-    centres = np.array([3.0, 2.0, 1.0])
-    rgb = np.clip(1.5 - np.abs(4.0 * x - centres), 0.0, 1.0)
-    return np.rint(rgb * 255.0).astype(np.uint8)
+    rgb = 4.0 * x - np.array([3.0, 2.0, 1.0])
+    np.abs(rgb, out=rgb)  # in place from here on: clip(1.5 - |4x - centre|, 0, 1) * 255, rounded
+    np.subtract(1.5, rgb, out=rgb)
+    np.clip(rgb, 0.0, 1.0, out=rgb)
+    rgb *= 255.0
+    return np.rint(rgb, out=rgb).astype(np.uint8)
 
 
 def overlay_heatmap(image: Image.Image, mask: NDArray[np.floating], alpha: float = 0.5) -> Image.Image:
-    """The colour-mapped mask blended over the image with opacity ``alpha``."""
+    """The colour-mapped mask blended over the image with opacity ``alpha``, band by band."""
     if not 0.0 <= alpha <= 1.0:
         raise InvalidParameterError(f"alpha must be in [0, 1], got {alpha}")
-    pixels = np.asarray(image, dtype=np.float64)
-    heat = jet_colors(mask).astype(np.float64)
-    return Image.fromarray(np.rint((1.0 - alpha) * pixels + alpha * heat).astype(np.uint8), mode="RGB")
+    out = Image.new("RGB", image.size)
+    for top, bottom in row_bands(image.height, image.width):
+        pixels = _pixel_band(image, top, bottom)
+        pixels *= 1.0 - alpha
+        heat = jet_colors(_mask_band(mask, top, bottom)).astype(np.float64)
+        heat *= alpha
+        pixels += heat
+        out.paste(Image.fromarray(np.rint(pixels, out=pixels).astype(np.uint8), mode="RGB"), (0, top))
+    return out
 
 
 def attention_box(mask: NDArray[np.floating], threshold: float = 0.5, margin: float = 0.1) -> tuple[int, int, int, int]:
     """``(x0, y0, x1, y1)`` around ``mask >= threshold`` grown by ``margin`` of its size; whole image if empty."""
-    height, width = mask.shape
-    rows = np.flatnonzero((mask >= threshold).any(axis=1))
-    cols = np.flatnonzero((mask >= threshold).any(axis=0))
+    height, width = np.shape(mask)
+    rows_hit = np.zeros(height, dtype=bool)
+    cols_hit = np.zeros(width, dtype=bool)
+    for top, bottom in row_bands(height, width):
+        inside = _mask_band(mask, top, bottom) >= threshold
+        rows_hit[top:bottom] = inside.any(axis=1)
+        cols_hit |= inside.any(axis=0)
+    rows, cols = np.flatnonzero(rows_hit), np.flatnonzero(cols_hit)
     if rows.size == 0:
         return (0, 0, width, height)
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
@@ -103,24 +128,65 @@ def draw_contour(
     color: tuple[int, int, int] = (255, 0, 0),
     line_width: int | None = None,
 ) -> Image.Image:
-    """The boundary of ``mask >= threshold`` painted in ``color`` over the image."""
-    width = line_width if line_width is not None else max(1, round(max(image.size) / 200))
-    inside = Image.fromarray(((mask >= threshold) * 255).astype(np.uint8), mode="L")
-    size = 2 * width + 1
-    grown = np.asarray(inside.filter(ImageFilter.MaxFilter(size))) > 0
-    shrunk = np.asarray(inside.filter(ImageFilter.MinFilter(size))) > 0
-    outline = grown & ~shrunk
-    pixels = np.array(image)
-    pixels[outline] = color
-    return Image.fromarray(pixels, mode="RGB")
+    """The boundary of ``mask >= threshold`` painted in ``color`` over the image.
+
+    The boundary is the region grown by ``line_width`` pixels minus the region shrunk by as much,
+    both over a ``(2 * line_width + 1)``-pixel square window with the edge pixels replicated: what
+    Pillow's ``MaxFilter`` and ``MinFilter`` give, computed as separable running counts band by band
+    (each band reads ``line_width`` more rows on either side) in time independent of ``line_width``.
+    """
+    radius = line_width if line_width is not None else max(1, round(max(image.size) / 200))
+    width, height = image.size
+    out = image.copy()
+    row_windows = _window_lengths(width, radius)
+    for top, bottom in row_bands(height, width, min_rows=2 * radius):
+        above, below = max(0, top - radius), min(height, bottom + radius)
+        across = _window_counts(_mask_band(mask, above, below) >= threshold, radius, axis=1)
+        any_across, all_across = across > 0, across == row_windows
+        del across
+        grown = _window_counts(any_across, radius, axis=0) > 0
+        shrunk = _window_counts(all_across, radius, axis=0) == _window_lengths(below - above, radius)[:, None]
+        rows = slice(top - above, bottom - above)
+        out.paste(color, (0, top, width, bottom), Image.fromarray(grown[rows] & ~shrunk[rows]))
+    return out
 
 
-def _checked_mask(mask: NDArray[np.floating], size: tuple[int, int]) -> NDArray[np.float64]:
-    mask = np.asarray(mask, dtype=np.float64)
+def _window_lengths(length: int, radius: int) -> NDArray[np.int32]:
+    """How many positions of ``range(length)`` lie within ``radius`` of each position."""
+    positions = np.arange(length, dtype=np.int32)
+    return np.minimum(positions + radius + 1, length) - np.maximum(positions - radius, 0)
+
+
+def _window_counts(values: NDArray[np.bool_], radius: int, axis: int) -> NDArray[np.int32]:
+    """For each element, how many ``True`` lie within ``radius`` of it along ``axis`` (inside the array)."""
+    length = values.shape[axis]
+    sums = np.cumsum(values, axis=axis, dtype=np.int32)  # sums[i]: how many True in [0, i]
+    positions = np.arange(length)
+    counts = np.take(sums, np.minimum(positions + radius, length - 1), axis=axis)
+    before = np.take(sums, np.maximum(positions - radius - 1, 0), axis=axis)
+    np.moveaxis(before, axis, 0)[: radius + 1] = 0  # these windows start at the array's first element
+    counts -= before
+    return counts
+
+
+def _pixel_band(image: Image.Image, top: int, bottom: int) -> NDArray[np.float64]:
+    """Rows ``top:bottom`` of an RGB image as a float64 ``(rows, W, 3)`` array."""
+    return np.asarray(image.crop((0, top, image.width, bottom)), dtype=np.float64)
+
+
+def _mask_band(mask: NDArray[np.floating], top: int, bottom: int) -> NDArray[np.float64]:
+    """Rows ``top:bottom`` of the mask, as a new float64 array, clipped to [0, 1]."""
+    band = np.array(mask[top:bottom], dtype=np.float64)
+    return np.clip(band, 0.0, 1.0, out=band)
+
+
+def _checked_mask(mask: NDArray[np.floating], size: tuple[int, int]) -> NDArray[np.floating]:
+    """The mask as an array (not copied), after checking that it matches the image's ``(height, width)``."""
+    mask = np.asarray(mask)
     width, height = size
     if mask.shape != (height, width):
         raise InvalidParameterError(
             f"mask shape {mask.shape} does not match the image (height, width) = {(height, width)}; "
             "upsample the map to the image size first (AttributionMap.upsample)"
         )
-    return np.clip(mask, 0.0, 1.0)
+    return mask

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from api_tool import geometry
 from api_tool.errors import InvalidParameterError
-from api_tool.geometry import Letterbox, grid_cell_of_pixel, upsample_grid
+from api_tool.geometry import Letterbox, grid_cell_of_pixel, resample_filter, row_bands, upsample_grid
 
 
 @pytest.mark.parametrize(
@@ -57,3 +58,33 @@ def test_one_hot_cell_lands_on_its_pixels(image_size: tuple[int, int]) -> None:
 def test_unknown_resample_is_rejected() -> None:
     with pytest.raises(InvalidParameterError, match="resample"):
         upsample_grid(np.zeros((2, 2)), (0, 0, 2, 2), (4, 4), resample="cubic-ish")
+
+
+@pytest.mark.parametrize("resample", ["nearest", "bilinear", "bicubic", "lanczos"])
+@pytest.mark.parametrize("band_pixels", [1, 97, 10**9])
+def test_upsample_is_float32_pillow_resize_clipped_in_any_bands(
+    resample: str, band_pixels: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 (half of float64's memory at pixel size); the values are Pillow's float32 resize, clipped
+    to the grid's range, whatever the band size."""
+    grid = np.random.default_rng(4).random((6, 6))
+    box, size = (0.0, 1.5, 6.0, 4.5), (97, 48)
+    monkeypatch.setattr(geometry, "BAND_PIXELS", band_pixels)
+    pixels = upsample_grid(grid, box, size, resample=resample)
+    assert pixels.dtype == np.float32 and pixels.shape == (48, 97)
+    values = grid.astype(np.float32)
+    resized = np.asarray(Image.fromarray(values).resize(size, resample=resample_filter(resample), box=box))
+    np.testing.assert_array_equal(pixels, np.clip(resized, values.min(), values.max()))
+
+
+@pytest.mark.parametrize(("height", "width"), [(0, 5), (1, 1), (7, 3), (30, 40), (1000, 1)])
+@pytest.mark.parametrize("band_pixels", [1, 20, 121, 10**9])
+@pytest.mark.parametrize("min_rows", [1, 4])
+def test_row_bands_cover_every_row_once(
+    height: int, width: int, band_pixels: int, min_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(geometry, "BAND_PIXELS", band_pixels)
+    bands = list(row_bands(height, width, min_rows=min_rows))
+    assert [row for top, bottom in bands for row in range(top, bottom)] == list(range(height))
+    rows = max(min_rows, band_pixels // width, 1)
+    assert all(bottom - top == rows for top, bottom in bands[:-1])

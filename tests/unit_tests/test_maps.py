@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from api_tool.errors import InvalidParameterError
-from api_tool.geometry import full_grid_box
+from api_tool.geometry import full_grid_box, upsample_grid
 from api_tool.maps import AttributionMap, box_filter, combine_maps, enhance, minmax, soft_or
 
 
@@ -88,3 +88,12 @@ def test_attribution_map_upsample_defaults_to_image_size() -> None:
     pixels = amap.upsample(resample="nearest")
     assert pixels.shape == (40, 40) and amap.grid_shape == (4, 4)
     assert pixels[10:20, 20:30].min() == 1.0 and pixels.sum() == 100.0
+
+
+def test_attribution_map_upsample_is_float32_at_the_requested_size() -> None:
+    mask = np.random.default_rng(5).random((4, 4))
+    amap = AttributionMap(mask, None, mask, (40, 30), (0.0, 0.5, 4.0, 3.5), "q")
+    pixels = amap.upsample(size=(20, 10), resample="bilinear")
+    assert pixels.dtype == np.float32 and pixels.shape == (10, 20)
+    np.testing.assert_array_equal(pixels, upsample_grid(mask, amap.grid_box, (20, 10), resample="bilinear"))
+    assert amap.upsample().shape == (30, 40)
