@@ -46,7 +46,7 @@ from api_tool.backends.llava import LlavaAttributor
 from api_tool.backends.lvlm import answer_token_ids, prompt_text
 from api_tool.demo.scenes import Question, Scene, SceneObject, generate_scene, scene_questions
 from api_tool.demo.tiny_llava import DEMO_LLAVA_DIR, load_tiny_llava
-from api_tool.demo.train_llava import LOCATION_TEMPLATE, TYPE_NAMES, location_answer
+from training.train_llava import LOCATION_TEMPLATE, TYPE_NAMES, location_answer
 from api_tool.geometry import Letterbox
 
 NON_SQUARE_SIZES: tuple[tuple[int, int], ...] = ((320, 224), (224, 320), (384, 224), (256, 384), (352, 256))

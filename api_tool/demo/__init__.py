@@ -2,7 +2,8 @@
 
 * ``api_tool.demo.scenes``: seeded scenes of coloured shapes with masks, boxes, captions and questions.
 * ``api_tool.demo.clip_model``: the small CLIP shipped with the package (``load_demo_clip``).
-* ``api_tool.demo.train_clip``: the script that trained it (``python -m api_tool.demo.train_clip``).
+* the training scripts live outside the library, in the repository's ``training/`` folder
+  (``python -m training.train_clip``, ``python -m training.train_llava``).
 
 Example:
     >>> from api_tool.demo import generate_scene

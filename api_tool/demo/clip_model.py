@@ -10,7 +10,7 @@ a compact vocabulary: the BPE ids of every word the scene language uses (``scene
 padding, an unknown-word id, start and end. Any text tokenizes; BPE pieces outside the kept set become
 the unknown id. The end token has the largest compact id, so open_clip's argmax text pooling finds it.
 
-Training (``api_tool.demo.train_clip``) has two stages: the model is trained at 224 px (14x14 grid),
+Training (``training.train_clip``) has two stages: the model is trained at 224 px (14x14 grid),
 then refined at 288 px with its positional embeddings resized, which lets small objects on letterboxed
 non-square canvases cover whole patches.
 
@@ -196,7 +196,7 @@ def load_demo_clip(
     if not weights.is_file() or not config_path.is_file():
         raise WeightsUnavailableError(
             f"the demo CLIP weights are missing from {folder} (expected {WEIGHTS_FILE} and {CONFIG_FILE}); "
-            "reinstall the package, or train them with: python -m api_tool.demo.train_clip --out "
+            "reinstall the package, or train them with: python -m training.train_clip --out "
             f"{folder}"
         )
     config = json.loads(config_path.read_text())

@@ -1,7 +1,7 @@
 """Semantic checks on the shipped demo models (offline, CPU): they answer and point correctly.
 
 The demo LLaVA (``api_tool/demo/weights/llava``) and the demo CLIP (``api_tool/demo/weights/clip``)
-were trained by the project on synthetic scenes (``api_tool.demo.train_llava`` / ``train_clip``).
+were trained by the project on synthetic scenes (``training.train_llava`` / ``train_clip``).
 Scenes here come from ``generate_scene`` with fixed seeds; answers and maps are deterministic.
 A sign error (map inverted), a transposed grid or a misaligned letterbox (mask stretched over a
 non-square image) moves the argmax off the queried object and fails the pointing tests.

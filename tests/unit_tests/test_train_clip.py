@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from api_tool.demo.clip_model import CompactTokenizer, build_demo_clip, load_demo_clip, save_demo_clip
-from api_tool.demo.flags import parse_config
-from api_tool.demo.train_clip import (
+from training.flags import parse_config
+from training.train_clip import (
     TrainConfig,
     architecture_for,
     cosine_lr,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from api_tool.backends.llava import LlavaAttributor
 from api_tool.demo.scenes import POPE_SPLITS, generate_scene, sample_layouts
-from api_tool.demo.train_llava import (
+from training.train_llava import (
     IGNORE,
     TYPE_NAMES,
     AttentionInputs,
@@ -117,7 +117,7 @@ def test_step_maps_average_each_turns_answer_steps() -> None:
     # Sequence: 2 prompt positions after the image, then turn 0 = one answer token + eos, turn 1 = two + eos.
     labels = torch.tensor([[IGNORE, IGNORE, 10, 3, IGNORE, 11, 12, 3]])
     turns = torch.tensor([[-1, -1, 0, 0, -1, 1, 1, 1]])
-    from api_tool.demo.train_llava import Encoded
+    from training.train_llava import Encoded
 
     encoded = Encoded(torch.zeros_like(labels), labels, turns)
     attention = torch.arange(8 * 3, dtype=torch.float32).reshape(1, 8, 3)

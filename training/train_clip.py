@@ -28,8 +28,8 @@ binding accuracy: the true caption outscoring its hard negative) and writes ``mo
 ``config.json``. Seeded; runs on CPU too (slowly): ``--device cpu --steps 20 --batch 32 --workers 0``.
 
 Example:
-    python -m api_tool.demo.train_clip --steps 7000 --batch 512 --max-seconds 450 --out /tmp/clip224
-    python -m api_tool.demo.train_clip --init /tmp/clip224 --image-size 288 --lr 3e-4 --warmup 200 \
+    python -m training.train_clip --steps 7000 --batch 512 --max-seconds 450 --out /tmp/clip224
+    python -m training.train_clip --init /tmp/clip224 --image-size 288 --lr 3e-4 --warmup 200 \
         --steps 9000 --max-seconds 440 --out api_tool/demo/weights/clip
 
 These are the shipped model's two stages (the second stopped by time at step 5,711 on an H200; each
@@ -63,7 +63,7 @@ from api_tool.demo.clip_model import (
     load_demo_clip,
     save_demo_clip,
 )
-from api_tool.demo.flags import parse_config
+from training.flags import parse_config
 from api_tool.demo.scenes import (
     COLOUR_NAMES,
     SHAPES,
@@ -484,7 +484,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: ``python -m api_tool.demo.train_clip``."""
+    """Entry point: ``python -m training.train_clip``."""
     train(parse_args(argv))
 
 

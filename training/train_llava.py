@@ -46,7 +46,7 @@ the same recipe on a step-count schedule; the data stream is seeded per worker, 
 for a given ``--workers`` (GPU kernels may still differ in the last bits from run to run).
 
 Example:
-    python -m api_tool.demo.train_llava --out api_tool/demo/weights/llava
+    python -m training.train_llava --out api_tool/demo/weights/llava
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from api_tool.backends.lvlm import answer_token_ids, image_attention, prompt_text
 from api_tool.backends.lvlm_families.base import apply_rotary, split_heads
 from api_tool.backends.lvlm_families.llava import language_model_layers as decoder_layers
-from api_tool.demo.flags import parse_config
+from training.flags import parse_config
 from api_tool.demo.scenes import (
     DEFAULT_CONFIG,
     EXTENT,
@@ -911,7 +911,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: ``python -m api_tool.demo.train_llava``."""
+    """Entry point: ``python -m training.train_llava``."""
     train(parse_args(argv))
 
 
