@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from api_tool.backends.registry import get_attributor
     from api_tool.images import encode_image, load_image
     from api_tool.maps import AttributionMap
-    from api_tool.prompt import PromptedImage, attention_prompt
+    from api_tool.prompt import PromptedImage, attention_prompt, attention_prompt_many
     from api_tool.render import render
     from api_tool.tool import AttentionPromptTool
 
@@ -31,6 +31,7 @@ _MODULE_OF = {
     "LlavaAttributor": "api_tool.backends.llava",
     "PromptedImage": "api_tool.prompt",
     "attention_prompt": "api_tool.prompt",
+    "attention_prompt_many": "api_tool.prompt",
     "encode_image": "api_tool.images",
     "get_attributor": "api_tool.backends.registry",
     "load_image": "api_tool.images",
@@ -45,6 +46,7 @@ __all__ = [
     "LlavaAttributor",
     "PromptedImage",
     "attention_prompt",
+    "attention_prompt_many",
     "encode_image",
     "get_attributor",
     "load_image",

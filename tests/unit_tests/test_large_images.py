@@ -61,6 +61,9 @@ class GridAttributor:
     def attribute(self, image: Image.Image, query: str) -> AttributionMap:
         return AttributionMap(GRID, None, GRID, image.size, full_grid_box(GRID.shape), query)
 
+    def attribute_many(self, image: Image.Image, queries: list[str]) -> list[AttributionMap]:
+        return [self.attribute(image, query) for query in queries]
+
 
 @pytest.fixture(scope="module")
 def image() -> Image.Image:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from api_tool.demo.clip_model import CompactTokenizer, build_demo_clip, load_demo_clip, save_demo_clip
+from api_tool.errors import InvalidParameterError
 from training.flags import parse_config
 from training.train_clip import (
     TrainConfig,
@@ -22,7 +23,6 @@ from training.train_clip import (
     parse_args,
     train,
 )
-from api_tool.errors import InvalidParameterError
 
 
 @pytest.fixture(scope="module")

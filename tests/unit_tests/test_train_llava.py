@@ -14,6 +14,8 @@ from PIL import Image
 
 from api_tool.backends.llava import LlavaAttributor
 from api_tool.demo.scenes import POPE_SPLITS, generate_scene, sample_layouts
+from api_tool.geometry import Letterbox
+from tests.tolerances import assert_sums_close
 from training.train_llava import (
     IGNORE,
     TYPE_NAMES,
@@ -32,8 +34,6 @@ from training.train_llava import (
     render_pixels,
     step_maps,
 )
-from api_tool.geometry import Letterbox
-from tests.tolerances import assert_sums_close
 
 SIDE, PATCH = 64, 8
 CELLS = (SIDE // PATCH) ** 2
