@@ -39,7 +39,6 @@ from api_tool.maps import COMBINE_MODES
 from api_tool.render import STYLES
 
 if TYPE_CHECKING:
-    from api_tool.backends.base import Attributor
     from api_tool.prompt import PromptedImage
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -159,13 +158,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         image_refs, questions = args.inputs, args.questions
     report = Report()
+    for number, question in enumerate(questions, start=1):
+        if not question.strip():
+            report.refuse(f"question {number}: the query is empty; ask about the image, e.g. 'where is the cat?'")
     images = expand_images(image_refs, report, allow_remote=args.allow_remote)
     try:
         jobs = plan_outputs(images, len(questions), args.output, overwrite=args.overwrite, report=report)
     except OutputPathError as exc:
         report.refuse(str(exc))
         return 2
-    if jobs:
+    if jobs and any(question.strip() for question in questions):
         try:
             _run(args, jobs, questions, report)
         except (ApiPromptingError, OSError) as exc:  # the model could not be had: nothing can be done
@@ -264,6 +266,7 @@ def plan_outputs(
 def _run(args: argparse.Namespace, jobs: Sequence[Job], questions: Sequence[str], report: Report) -> None:
     from api_tool.backends.registry import get_attributor
     from api_tool.images import load_image
+    from api_tool.prompt import attention_prompt_many
 
     spec, options = _spec_and_options(args)
     start = time.perf_counter()
@@ -281,12 +284,19 @@ def _run(args: argparse.Namespace, jobs: Sequence[Job], questions: Sequence[str]
             report.refuse(f"{job.image}: {exc}")
             continue
         load_seconds = time.perf_counter() - load_start
-        for question, output in zip(questions, job.outputs):
+        asked = [(question, output) for question, output in zip(questions, job.outputs) if question.strip()]
+        try:
+            results = attention_prompt_many(
+                image, [question for question, _ in asked], attributor, args.style, gray_level=args.gray_level
+            )
+        except (ApiPromptingError, OSError) as exc:
+            report.refuse(f"{job.image}: {exc}")
+            continue
+        for (question, output), result in zip(asked, results):
             try:
-                result = _prompt(image, question, attributor, args)
                 write_seconds = _write(result, output)
             except (ApiPromptingError, OSError) as exc:
-                report.refuse(f"{job.image} / {question!r}: {exc}")
+                report.refuse(f"{job.image} / {question!r}: cannot write {str(output)!r}: {exc}")
                 continue
             timings = {"load": load_seconds, **result.timings, "write": write_seconds}
             timings.pop("total", None)
@@ -313,12 +323,6 @@ def _spec_and_options(args: argparse.Namespace) -> tuple[str, dict[str, object]]
     if args.model == "demo" or args.model.startswith("local-dir:"):
         return args.model, options
     return f"clip:{args.model}@{args.pretrained or 'openai'}", options
-
-
-def _prompt(image: Any, question: str, attributor: Attributor, args: argparse.Namespace) -> PromptedImage:
-    from api_tool.prompt import attention_prompt
-
-    return attention_prompt(image, question, attributor, args.style, gray_level=args.gray_level)
 
 
 def _write(result: PromptedImage, output: Path) -> float:

@@ -239,3 +239,20 @@ def test_several_questions_on_one_image_cost_one_image_pass(tiny_model_dir, imag
     finally:
         handle.remove()
     assert len(passes) == 1 and len(list((tmp_path / "o").glob("*.png"))) == 3
+
+
+def test_blank_questions_are_refused_before_the_model_loads(tiny_model_dir, image_path, tmp_path, capsys) -> None:
+    argv = [
+        str(image_path),
+        "-q",
+        "a cat",
+        "-q",
+        "  ",
+        "-o",
+        str(tmp_path / "o"),
+        "--model",
+        f"local-dir:{tiny_model_dir}",
+    ]
+    assert main(argv) == 2
+    assert "question 2: the query is empty" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "o").glob("*.png")) == ["scene_q1.png"]
