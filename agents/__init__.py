@@ -11,7 +11,9 @@ Example:
 from agents.agent import api_system_prompt, create_api_agent
 from agents.chat_models import ChatTransformersVLM, parse_tool_calls
 from agents.datasets import EvalItem, convert_pope, load_jsonl, synthetic_items, write_jsonl
-from agents.eval import EvalOptions, EvalReport, evaluate
+from agents.eval_options import EvalOptions
+from agents.eval_reports import EvalReport
+from agents.eval_runner import evaluate
 from agents.metrics import change_counts, pope_scores
 from agents.middleware import ImageToolMessageMiddleware, accepts_tool_message_images, hoist_tool_images
 from agents.prompts import AGENT_SYSTEM_PROMPT, STRATEGIES, ReflectionStrategy, get_strategy, parse_final_answer

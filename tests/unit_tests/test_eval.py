@@ -34,17 +34,13 @@ from agents.datasets import (
     synthetic_items,
     write_jsonl,
 )
-from agents.eval import (
-    EvalOptions,
-    MapCache,
-    ResultsLog,
-    build_attributor,
-    disagreements,
-    evaluate,
-    main,
-    run_modes,
-)
+from agents.eval import main
+from agents.eval_factories import build_attributor
+from agents.eval_options import EvalOptions, run_modes
+from agents.eval_reports import disagreements
+from agents.eval_runner import MapCache, evaluate
 from agents.metrics import pope_scores
+from agents.results_log import ResultsLog
 from api_tool.demo.scenes import generate_scene
 from api_tool.errors import (
     DatasetError,

@@ -19,7 +19,9 @@ import pytest
 from transformers.utils import logging as transformers_logging
 
 from agents.datasets import convert_pope, load_jsonl
-from agents.eval import LOCK_FILE, ResultsLog, evaluate, lock_output, main, quiet_progress_bars
+from agents.eval import main, quiet_progress_bars
+from agents.eval_runner import evaluate
+from agents.results_log import LOCK_FILE, ResultsLog, lock_output
 from api_tool.errors import DatasetError, EvalOutputError, EvalOutputLockedError
 from tests.tiny_models import tiny_llava
 from tests.unit_tests.test_eval import RuleTarget, make_items, options, read_results, write_lines
@@ -68,7 +70,7 @@ def lock_holder(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     out = tmp_path / "out"
     out.mkdir()
     script = (
-        "import sys\nfrom agents.eval import lock_output\n"
+        "import sys\nfrom agents.results_log import lock_output\n"
         f"with lock_output({str(out)!r}):\n    print('locked', flush=True)\n    sys.stdin.read()\n"
     )
     process = subprocess.Popen(

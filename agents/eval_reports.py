@@ -1,0 +1,315 @@
+"""Scores and reports of an evaluation: ``report.json``, ``report.md`` and the HTML gallery of the
+questions where modes disagree (with thumbnails), built from the result records alone.
+
+Example:
+    >>> records = [{"id": "1", "mode": "plain", "answer": "Yes.", "reference": "yes", "split": "random"}]
+    >>> summarize(records, ["plain"])["modes"]["plain"]["accuracy"]
+    1.0
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from agents.datasets import EvalItem, item_image
+from agents.eval_options import REFLECTION_MODES, EvalOptions
+from agents.metrics import (
+    answer_scores,
+    change_counts,
+    group_indices,
+    is_correct,
+    pope_scores,
+    scored_form,
+    yes_no_reference,
+)
+from agents.results_log import RESULTS_FILE
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+GALLERY_HTML = "gallery.html"
+THUMBS_DIR = "thumbs"
+
+
+def thumbnail_jpeg(image: Image.Image, side: int) -> bytes:
+    """The image shrunk to ``side`` pixels on its longer side, as JPEG bytes (quality 85)."""
+    thumb = image.convert("RGB")
+    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def save_thumbnail(image: Image.Image, directory: Path, side: int) -> str:
+    """Save a JPEG thumbnail named by its content under ``directory``; returns ``"thumbs/<name>.jpg"``."""
+    data = thumbnail_jpeg(image, side)
+    name = f"{hashlib.blake2b(data, digest_size=10).hexdigest()}.jpg"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    if not path.exists():
+        path.write_bytes(data)
+    return f"{directory.name}/{name}"
+
+
+def _split_name(split: object) -> str:
+    return str(split) if split is not None else "-"
+
+
+def summarize(records: Sequence[dict[str, Any]], modes: Sequence[str]) -> dict[str, Any]:
+    """Scores per mode from result records (pure): accuracy (exact / normalised too), POPE per split of
+    the yes/no questions (plus ``all`` over several splits), accuracy per question type, changes against
+    the first answer (reflection: the loop's first answer; ``api``: the plain answer), seconds per answer.
+
+    Example:
+        >>> records = [{"id": "1", "mode": "plain", "answer": "Yes.", "reference": "yes", "split": "random"}]
+        >>> summarize(records, ["plain"])["modes"]["plain"]["pope"]["random"]["accuracy"]
+        1.0
+    """
+    by_mode = {mode: [r for r in records if r["mode"] == mode] for mode in modes}
+    plain = {str(r["id"]): str(r["answer"]) for r in by_mode.get("plain", [])}
+    summary: dict[str, Any] = {}
+    for mode, rows in by_mode.items():
+        answers = [str(r["answer"]) for r in rows]
+        references = [str(r["reference"]) for r in rows]
+        entry: dict[str, Any] = {"n": len(rows), **answer_scores(answers, references).as_dict()}
+        yes_no = [i for i, ref in enumerate(references) if yes_no_reference(ref) is not None]
+        splits = group_indices([_split_name(rows[i].get("split")) for i in yes_no])
+        pope = {
+            split: pope_scores([answers[yes_no[j]] for j in idx], [references[yes_no[j]] for j in idx]).as_dict()
+            for split, idx in splits.items()
+        }
+        if len(splits) > 1:
+            pope["all"] = pope_scores([answers[i] for i in yes_no], [references[i] for i in yes_no]).as_dict()
+        entry["pope"] = pope
+        types = group_indices([str(r.get("type") or "-") for r in rows])
+        entry["by_type"] = {
+            kind: answer_scores([answers[i] for i in idx], [references[i] for i in idx]).as_dict()
+            for kind, idx in types.items()
+        }
+        if mode in REFLECTION_MODES:
+            firsts = [str(r.get("first_answer", "")) for r in rows]
+            entry["changes"] = {"relative_to": "first answer", **change_counts(firsts, answers, references).as_dict()}
+            entry["parsed_rate"] = sum(bool(r.get("parsed")) for r in rows) / len(rows) if rows else None
+        elif mode != "plain" and plain:
+            paired = [i for i, r in enumerate(rows) if str(r["id"]) in plain]
+            entry["changes"] = {
+                "relative_to": "plain",
+                **change_counts(
+                    [plain[str(rows[i]["id"])] for i in paired],
+                    [answers[i] for i in paired],
+                    [references[i] for i in paired],
+                ).as_dict(),
+            }
+        seconds = [float(r["seconds"]) for r in rows if isinstance(r.get("seconds"), (int, float))]
+        entry["seconds_per_answer"] = sum(seconds) / len(seconds) if seconds else None
+        summary[mode] = entry
+    return {"modes": summary, "disagreements": len(disagreements(records, modes))}
+
+
+def disagreements(records: Sequence[dict[str, Any]], modes: Sequence[str]) -> list[str]:
+    """Ids of the questions whose answers differ between modes (in the scored form), in first-seen order.
+
+    Example:
+        >>> disagreements([{"id": "1", "mode": "plain", "answer": "yes", "reference": "no"},
+        ...                {"id": "1", "mode": "api", "answer": "No.", "reference": "no"}], ["plain", "api"])
+        ['1']
+    """
+    forms: dict[str, set[str]] = {}
+    for record in records:
+        if record["mode"] in modes:
+            forms.setdefault(str(record["id"]), set()).add(scored_form(str(record["answer"]), str(record["reference"])))
+    return [item_id for item_id, seen in forms.items() if len(seen) > 1]
+
+
+def _fmt(value: object, percent: bool = True) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}" if percent else f"{value:.2f}"
+    return str(value)
+
+
+def markdown_report(summary: dict[str, Any], run: dict[str, Any]) -> str:
+    """The report as Markdown tables (percentages, one decimal)."""
+    modes = summary["modes"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- target: `{run['target']}`",
+        f"- attributor: `{run['attributor']}`",
+        f"- data: `{run['data']}` ({run['items']} questions)",
+        f"- modes: {', '.join(modes)}",
+        f"- wall time of the last invocation: {run['wall_seconds']:.1f} s ({run['answered']} answers); "
+        f"finished {run['finished']}",
+        "",
+        "## Accuracy (%)",
+        "",
+        "| mode | n | accuracy | exact match | normalised match | s / answer |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, entry in modes.items():
+        lines.append(
+            f"| {mode} | {entry['n']} | {_fmt(entry['accuracy'])} | {_fmt(entry['exact_accuracy'])} | "
+            f"{_fmt(entry['normalized_accuracy'])} | {_fmt(entry['seconds_per_answer'], percent=False)} |"
+        )
+    splits = list(dict.fromkeys(split for entry in modes.values() for split in entry["pope"]))
+    if splits:
+        lines += [
+            "",
+            "## POPE (%; yes/no questions, 'yes' is positive)",
+            "",
+            "| split | mode | n | accuracy | precision | recall | F1 | yes ratio |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for split in splits:
+            for mode, entry in modes.items():
+                scores = entry["pope"].get(split)
+                if scores is not None:
+                    lines.append(
+                        f"| {split} | {mode} | {scores['n']} | {_fmt(scores['accuracy'])} | "
+                        f"{_fmt(scores['precision'])} | {_fmt(scores['recall'])} | {_fmt(scores['f1'])} | "
+                        f"{_fmt(scores['yes_ratio'])} |"
+                    )
+    changed = {mode: entry["changes"] for mode, entry in modes.items() if "changes" in entry}
+    if changed:
+        lines += [
+            "",
+            "## Changes against the first answer",
+            "",
+            "| mode | relative to | n | changed | right→wrong | wrong→right | net gain |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for mode, counts in changed.items():
+            lines.append(
+                f"| {mode} | {counts['relative_to']} | {counts['n']} | {counts['changed']} | "
+                f"{counts['right_to_wrong']} | {counts['wrong_to_right']} | {counts['net_gain']:+d} |"
+            )
+        parsed = {mode: modes[mode].get("parsed_rate") for mode in changed if "parsed_rate" in modes[mode]}
+        if "verify" in parsed:
+            lines += ["", f"verify: {_fmt(parsed['verify'])}% of replies held a FINAL line (else the answer is kept)."]
+    types = list(dict.fromkeys(kind for entry in modes.values() for kind in entry["by_type"]))
+    if any(kind != "-" for kind in types):
+        lines += [
+            "",
+            "## Accuracy by question type (%)",
+            "",
+            "| type | " + " | ".join(modes) + " |",
+            "|---|" + "---:|" * len(modes),
+        ]
+        for kind in types:
+            cells = [
+                f"{_fmt(entry['by_type'][kind]['accuracy'])} (n={entry['by_type'][kind]['n']})"
+                if kind in entry["by_type"]
+                else "–"
+                for entry in modes.values()
+            ]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", f"Questions where modes disagree: {summary['disagreements']} (see gallery.html)."]
+    return "\n".join(lines) + "\n"
+
+
+def _jpeg_data_uri(data: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+
+
+def gallery_html(
+    records: Sequence[dict[str, Any]],
+    items: dict[str, EvalItem],
+    modes: Sequence[str],
+    out_dir: Path,
+    *,
+    limit: int = 50,
+    thumb_side: int = 160,
+) -> str:
+    """A self-contained HTML page of the questions where modes disagree: the original image, the
+    annotated image(s), and every mode's answer (green right, red wrong), images inline."""
+    by_id: dict[str, dict[str, dict[str, Any]]] = {}
+    for record in records:
+        by_id.setdefault(str(record["id"]), {})[str(record["mode"])] = record
+    chosen = [item_id for item_id in disagreements(records, modes) if item_id in items][:limit]
+    rows = []
+    for item_id in chosen:
+        item = items[item_id]
+        answers = by_id[item_id]
+        pictures = [("original", _jpeg_data_uri(thumbnail_jpeg(item_image(item), thumb_side)))]
+        for thumb in dict.fromkeys(r.get("annotated") for r in answers.values() if r.get("annotated")):
+            path = out_dir / str(thumb)
+            if path.is_file():
+                uri = _jpeg_data_uri(path.read_bytes())
+                used = ", ".join(mode for mode, r in answers.items() if r.get("annotated") == thumb)
+                pictures.append((f"annotated ({used})", uri))
+        figures = "".join(
+            f'<figure><img src="{uri}" alt="{html.escape(label)}">'
+            f"<figcaption>{html.escape(label)}</figcaption></figure>"
+            for label, uri in pictures
+        )
+        cells = []
+        for mode in modes:
+            record = answers.get(mode)
+            if record is None:
+                continue
+            right = is_correct(str(record["answer"]), item.answer)
+            cells.append(
+                f'<tr class="{"right" if right else "wrong"}"><th>{html.escape(mode)}</th>'
+                f"<td>{html.escape(str(record['answer']))}</td></tr>"
+            )
+        rows.append(
+            f'<section><h2>{html.escape(item_id)}</h2><p class="q">{html.escape(item.question)} '
+            f"<span>reference: <b>{html.escape(item.answer)}</b>"
+            f"{' · split ' + html.escape(item.split) if item.split else ''}</span></p>"
+            f'<div class="pics">{figures}</div><table>{"".join(cells)}</table></section>'
+        )
+    total = len(disagreements(records, modes))
+    shown = f"{len(chosen)} of {total}" if total > len(chosen) else str(total)
+    style = (
+        "body{font-family:sans-serif;margin:1.5em;max-width:70em}section{border-top:1px solid #ccc;padding:.5em 0}"
+        "h2{font-size:1em;margin:.2em 0}.q span{color:#555;margin-left:1em}.pics{display:flex;gap:1em}"
+        "figure{margin:0}figcaption{font-size:.8em;color:#555}table{border-collapse:collapse;margin-top:.4em}"
+        "th,td{padding:.15em .6em;text-align:left;border-bottom:1px solid #eee}"
+        ".right td{color:#11772d}.wrong td{color:#b3261e}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>Where modes disagree</title><style>{style}</style>'
+        f"</head><body><h1>Where modes disagree ({shown} questions)</h1>"
+        f"<p>Modes: {html.escape(', '.join(modes))}. Green: right, red: wrong.</p>{''.join(rows)}</body></html>\n"
+    )
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """What :func:`evaluate` produced: the summary (as in ``report.json``) and where the files are."""
+
+    summary: dict[str, Any]
+    run: dict[str, Any]
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def write_reports(
+    out_dir: Path,
+    records: Sequence[dict[str, Any]],
+    items: Sequence[EvalItem],
+    modes: Sequence[str],
+    run: dict[str, Any],
+    options: EvalOptions,
+) -> EvalReport:
+    """Write ``report.json``, ``report.md`` and ``gallery.html`` for the given items and modes."""
+    ids = {item.id: item for item in items}
+    chosen = [r for r in records if str(r["id"]) in ids and r["mode"] in modes]
+    summary = summarize(chosen, modes)
+    files = {"json": out_dir / REPORT_JSON, "markdown": out_dir / REPORT_MD, "gallery": out_dir / GALLERY_HTML}
+    files["json"].write_text(json.dumps({"run": run, **summary}, indent=2) + "\n", encoding="utf-8")
+    files["markdown"].write_text(markdown_report(summary, run), encoding="utf-8")
+    gallery = gallery_html(chosen, ids, modes, out_dir, limit=options.gallery_limit, thumb_side=options.thumb_side)
+    files["gallery"].write_text(gallery, encoding="utf-8")
+    files["results"] = out_dir / RESULTS_FILE
+    return EvalReport(summary=summary, run=run, out_dir=out_dir, files=files)

@@ -1,0 +1,450 @@
+"""Running an evaluation: every pending (item, mode) pair asked of the target chunk by chunk, maps
+computed ahead per chunk (:class:`MapCache`), every answer appended to the results log as it comes.
+
+:func:`evaluate` is the entry point (see ``agents.eval`` for the modes and the outputs).
+
+Example:
+    >>> from agents.datasets import synthetic_items
+    >>> report = evaluate(synthetic_items("random", 20), vlm, out_dir="eval-out",
+    ...                   modes=("plain", "api"))  # doctest: +SKIP
+    >>> report.summary["modes"]["api"]["pope"]["random"]["f1"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from PIL import Image
+
+from agents.chat_models import ChatTransformersVLM
+from agents.datasets import EvalItem, item_image
+from agents.eval_options import ANNOTATING_MODES, REFLECTION_MODES, EvalOptions, run_modes
+from agents.eval_reports import THUMBS_DIR, EvalReport, save_thumbnail, write_reports
+from agents.reflection import image_data_uri, reflect
+from agents.results_log import RESULTS_FILE, RUN_FILE, ResultsLog, check_run_file, lock_output
+from api_tool.backends.base import Attributor
+from api_tool.errors import EvalRunError, InvalidParameterError
+from api_tool.images import ImageRef, load_image
+from api_tool.maps import AttributionMap
+from api_tool.prompt import attention_prompt
+from api_tool.tool import AttentionPromptTool, scores_answers
+
+
+def image_digest(image: Image.Image) -> str:
+    """A content hash of an image's pixels and size (how maps are cached)."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(f"{image.size}{image.mode}".encode())
+    return digest.hexdigest()
+
+
+class MapCache:
+    """An attributor that serves maps computed ahead (``prefetch``, one ``attribute_batch`` call) and
+    computes, then keeps, any other map on demand. So the ``api`` mode and every reflection strategy
+    share one batched map per question.
+
+    Example:
+        >>> cache = map_cache(get_attributor("demo"))  # doctest: +SKIP
+        >>> cache.prefetch(images, questions)  # doctest: +SKIP
+        >>> attention_prompt(images[0], questions[0], attributor=cache)  # doctest: +SKIP
+    """
+
+    def __init__(self, backend: Attributor) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.model_name = getattr(backend, "model_name", None)
+        self._maps: dict[tuple[str, str, str | None], AttributionMap] = {}
+        self._lock = threading.Lock()
+
+    def prefetch(
+        self, images: Sequence[Image.Image], queries: Sequence[str], answers: Sequence[str | None] | None = None
+    ) -> float:
+        """Compute the maps not yet cached in one batch call; returns the seconds it took."""
+        chosen = list(answers) if answers is not None else [None] * len(queries)
+        wanted: dict[tuple[str, str, str | None], tuple[Image.Image, str, str | None]] = {}
+        for image, query, answer in zip(images, queries, chosen):
+            key = (image_digest(image), query, answer)
+            if key not in self._maps:
+                wanted[key] = (image, query, answer)
+        if not wanted:
+            return 0.0
+        start = time.perf_counter()
+        keys = list(wanted)
+        batch_images = [wanted[key][0] for key in keys]
+        batch_queries = [wanted[key][1] for key in keys]
+        batch_answers = [wanted[key][2] for key in keys]
+        if any(answer is not None for answer in batch_answers):
+            maps = self.backend.attribute_batch(batch_images, batch_queries, answers=batch_answers)  # type: ignore[call-arg]
+        else:
+            maps = self.backend.attribute_batch(batch_images, batch_queries)
+        with self._lock:
+            self._maps.update(zip(keys, maps))
+        return time.perf_counter() - start
+
+    def _attribute(self, image: ImageRef, query: str, answer: str | None) -> AttributionMap:
+        loaded = load_image(image)
+        key = (image_digest(loaded), query, answer)
+        with self._lock:
+            found = self._maps.get(key)
+        if found is not None:
+            return found
+        if answer is None:
+            fresh = self.backend.attribute(loaded, query)
+        else:
+            fresh = self.backend.attribute(loaded, query, answer=answer)  # type: ignore[call-arg]
+        with self._lock:
+            self._maps[key] = fresh
+        return fresh
+
+    def attribute(self, image: ImageRef, query: str) -> AttributionMap:
+        """The cached map for ``(image, query)``, computed now if it was not prefetched."""
+        return self._attribute(image, query, None)
+
+    def attribute_batch(self, images: Sequence[ImageRef], queries: Sequence[str]) -> list[AttributionMap]:
+        """One map per pair (the missing ones computed as one batch)."""
+        loaded = [load_image(image) for image in images]
+        self.prefetch(loaded, queries)
+        return [self.attribute(image, query) for image, query in zip(loaded, queries)]
+
+    def attribute_many(self, image: ImageRef, queries: Sequence[str]) -> list[AttributionMap]:
+        """One map per query on one image."""
+        loaded = load_image(image)
+        return self.attribute_batch([loaded] * len(queries), queries)
+
+    def clear(self) -> None:
+        """Forget every cached map."""
+        with self._lock:
+            self._maps.clear()
+
+
+class AnswerScoringMapCache(MapCache):
+    """A :class:`MapCache` over a backend that scores given answers (LLaVA): ``attribute`` takes ``answer``."""
+
+    def attribute(self, image: ImageRef, query: str, answer: str | None = None) -> AttributionMap:  # type: ignore[override]
+        """The cached map for ``(image, query, answer)``; ``answer=None`` is the generation path."""
+        return self._attribute(image, query, answer)
+
+
+def map_cache(backend: Attributor) -> MapCache:
+    """A :class:`MapCache` over ``backend``, answer-scoring when the backend is."""
+    return AnswerScoringMapCache(backend) if scores_answers(backend) else MapCache(backend)
+
+
+def _image_block(image: Image.Image) -> dict[str, Any]:
+    header, data = image_data_uri(image).split(",", 1)
+    return {"type": "image", "base64": data, "mime_type": header[len("data:") : header.index(";")]}
+
+
+def question_messages(image: Image.Image, question: str, system_prompt: str | None = None) -> list[BaseMessage]:
+    """What the target receives in the ``plain`` and ``api`` modes: the image, then the question
+    (as the reflection loop asks its first question)."""
+    human = HumanMessage(content=[_image_block(image), {"type": "text", "text": question}])  # type: ignore[list-item]
+    return [SystemMessage(system_prompt), human] if system_prompt else [human]
+
+
+class _Progress:
+    """tqdm on stderr when available and wanted, else nothing."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar: Any = None
+        if enabled and total:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # pragma: no cover - tqdm comes with transformers
+                return
+            self._bar = tqdm(total=total, desc="eval", unit="answer", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, mode: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(mode, refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _Runner:
+    """Runs the pending (item, mode) pairs chunk by chunk and logs each answer as it comes."""
+
+    def __init__(
+        self,
+        target: BaseChatModel,
+        attributor: Attributor | None,
+        options: EvalOptions,
+        log: ResultsLog,
+        thumbs: Path,
+        identity: dict[str, Any],
+    ) -> None:
+        self.target = target
+        self.cache = map_cache(attributor) if attributor is not None else None
+        self.options = options
+        self.log = log
+        self.thumbs = thumbs
+        self.identity = identity
+        local = isinstance(target, ChatTransformersVLM)
+        self.concurrency = options.concurrency or (1 if local else options.batch_size)
+        self.tool = (
+            AttentionPromptTool(
+                attributor=self.cache, style=options.style, gray_level=options.gray_level, max_side=None
+            )
+            if self.cache is not None
+            else None
+        )
+        self.failures: list[tuple[str, str, BaseException]] = []
+        self.progress = _Progress(0, enabled=False)
+
+    def _record(self, item: EvalItem, mode: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "id": item.id,
+            "mode": mode,
+            "question": item.question,
+            "reference": item.answer,
+            "type": item.type,
+            "split": item.split,
+            **fields,
+            "target": self.identity["target"],
+            "attributor": self.identity["attributor"] if mode in ANNOTATING_MODES else None,
+        }
+
+    def _ask(self, inputs: list[list[BaseMessage]]) -> tuple[list[Any], float]:
+        start = time.perf_counter()
+        replies = self.target.batch(inputs, config={"max_concurrency": self.concurrency}, return_exceptions=True)
+        return replies, (time.perf_counter() - start) / max(1, len(inputs))
+
+    def _log_replies(
+        self, items: list[EvalItem], mode: str, replies: list[Any], seconds: float, extra: list[dict[str, Any]]
+    ) -> None:
+        for item, reply, more in zip(items, replies, extra):
+            if isinstance(reply, BaseException):
+                self.failures.append((item.id, mode, reply))
+                continue
+            text = reply.text.strip()
+            self.log.append(self._record(item, mode, answer=text, reply=text, seconds=seconds, **more))
+            self.progress.step(mode)
+
+    def run_chunk(self, chunk: list[tuple[EvalItem, list[str]]], plain: dict[str, str]) -> None:
+        images = {item.id: item_image(item) for item, _ in chunk}
+        system = self.options.system_prompt
+        todo = [item for item, modes in chunk if "plain" in modes]
+        if todo:
+            replies, seconds = self._ask([question_messages(images[i.id], i.question, system) for i in todo])
+            self._log_replies(todo, "plain", replies, seconds, [{}] * len(todo))
+            for item, reply in zip(todo, replies):
+                if not isinstance(reply, BaseException):
+                    plain[item.id] = reply.text.strip()
+        self._stop_on_failure()
+        map_seconds = self._prefetch(chunk, images, plain)
+        todo = [item for item, modes in chunk if "api" in modes]
+        if todo:
+            assert self.cache is not None
+            prompted = [
+                attention_prompt(
+                    images[i.id], i.question, self.cache, self.options.style, gray_level=self.options.gray_level
+                ).image
+                for i in todo
+            ]
+            thumbs = [{"annotated": save_thumbnail(p, self.thumbs, self.options.thumb_side)} for p in prompted]
+            replies, seconds = self._ask([question_messages(p, i.question, system) for p, i in zip(prompted, todo)])
+            for more in thumbs:
+                more["map_seconds"] = map_seconds
+            self._log_replies(todo, "api", replies, seconds, thumbs)
+        self._stop_on_failure()
+        for mode in REFLECTION_MODES:
+            todo = [item for item, modes in chunk if mode in modes]
+            if todo:
+                self._reflect(mode, todo, images, plain)
+                self._stop_on_failure()
+
+    def _prefetch(
+        self, chunk: list[tuple[EvalItem, list[str]]], images: dict[str, Image.Image], plain: dict[str, str]
+    ) -> float:
+        """Compute the chunk's maps in one batch; returns the seconds per map.
+
+        ``api`` uses the map of the question; the annotating strategies use the same map, except with an
+        answer-scoring backend (LLaVA self-attribution), whose map scores the plain answer.
+        """
+        if self.cache is None:
+            return 0.0
+        scoring = isinstance(self.cache, AnswerScoringMapCache)
+        pairs: list[tuple[Image.Image, str, str | None]] = []
+        for item, modes in chunk:
+            annotating = ANNOTATING_MODES.intersection(modes)
+            strategies = annotating - {"api"}
+            if "api" in annotating or (strategies and not scoring):
+                pairs.append((images[item.id], item.question, None))
+            if strategies and scoring and item.id in plain:
+                pairs.append((images[item.id], item.question, plain[item.id]))
+        if not pairs:
+            return 0.0
+        seconds = self.cache.prefetch([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs])
+        return seconds / len(pairs)
+
+    def _reflect(self, mode: str, items: list[EvalItem], images: dict[str, Image.Image], plain: dict[str, str]) -> None:
+        def one(item: EvalItem) -> dict[str, Any]:
+            result = reflect(
+                item.question,
+                images[item.id],
+                self.target,
+                self.tool,
+                strategy=mode,
+                max_rounds=self.options.rounds,
+                first_answer=plain[item.id],
+                system_prompt=self.options.system_prompt,
+                self_attribution=False,
+            )
+            annotated = result.annotated_images
+            return self._record(
+                item,
+                mode,
+                answer=result.final_answer,
+                reply=result.rounds[-1].reply if result.rounds else "",
+                first_answer=result.first_answer,
+                changed=result.changed,
+                parsed=all(r.parsed for r in result.rounds),
+                rounds=len(result.rounds),
+                seconds=result.timings.get("total", 0.0),
+                annotated=save_thumbnail(annotated[0], self.thumbs, self.options.thumb_side) if annotated else None,
+            )
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = [(item, pool.submit(one, item)) for item in items]
+            for item, future in futures:
+                try:
+                    record = future.result()
+                except Exception as exc:
+                    self.failures.append((item.id, mode, exc))
+                    continue
+                self.log.append(record)
+                self.progress.step(mode)
+
+    def _stop_on_failure(self) -> None:
+        if self.failures:
+            item_id, mode, exc = self.failures[0]
+            raise EvalRunError(
+                f"{len(self.failures)} question(s) failed, first {item_id!r} in mode {mode!r}: "
+                f"{type(exc).__name__}: {exc}; the answers obtained so far are saved, rerun with --resume to continue"
+            ) from exc
+
+    def run(self, pending: list[tuple[EvalItem, list[str]]], plain: dict[str, str]) -> None:
+        self.progress = _Progress(sum(len(modes) for _, modes in pending), self.options.progress)
+        try:
+            for start in range(0, len(pending), self.options.batch_size):
+                self.run_chunk(pending[start : start + self.options.batch_size], plain)
+                if self.cache is not None:
+                    self.cache.clear()
+        finally:
+            self.progress.close()
+
+
+def describe_target(target: BaseChatModel) -> str:
+    """A short name for a chat model: its class and model name."""
+    name = getattr(target, "model", None) or getattr(target, "model_name", None)
+    return f"{type(target).__name__}({name})" if name else type(target).__name__
+
+
+def evaluate(
+    items: Sequence[EvalItem],
+    target: BaseChatModel,
+    *,
+    out_dir: str | os.PathLike[str],
+    attributor: Attributor | None = None,
+    modes: Sequence[str] = ("plain", "api"),
+    resume: bool = False,
+    options: EvalOptions | None = None,
+    target_name: str | None = None,
+    attributor_name: str | None = None,
+    data_name: str = "items",
+) -> EvalReport:
+    """Ask ``target`` every item in every mode, append the answers to ``out_dir/results.jsonl`` as they come,
+    and write the reports.
+
+    Args:
+        items: the questions (``agents.datasets``).
+        target: any LangChain chat model that reads images.
+        out_dir: where results and reports go.
+        attributor: the map backend for ``api`` and the annotating strategies (``None`` is allowed when
+            no mode needs one).
+        modes: from :data:`MODES`; reflection modes bring ``plain`` with them.
+        resume: continue the run already in ``out_dir`` (skip answered (id, mode) pairs).
+        options: batching, drawing and report options (``modes`` here overrides ``options.modes``).
+        target_name, attributor_name, data_name: how the run is named in ``run.json`` and reports
+            (resuming requires the same target and attributor names).
+
+    The run holds the lock on ``out_dir`` (:func:`lock_output`) from before reading earlier results until
+    the reports are written.
+
+    Raises ``EvalRunError`` after saving every answer obtained when the target fails,
+    ``EvalOutputLockedError`` when another run is writing to ``out_dir`` (at once, before asking anything),
+    and ``EvalOutputError`` when ``out_dir`` holds a different run.
+
+    Example:
+        >>> report = evaluate(synthetic_items("all", 100), ChatTransformersVLM.from_pretrained("demo"),
+        ...                   out_dir="eval-out", attributor=get_attributor("demo"),
+        ...                   modes=("plain", "api", "verify"))  # doctest: +SKIP
+    """
+    chosen_modes = run_modes(modes)
+    base = options or EvalOptions()
+    settings = replace(base, modes=chosen_modes)
+    if attributor is None and ANNOTATING_MODES.intersection(chosen_modes):
+        needing = sorted(ANNOTATING_MODES.intersection(chosen_modes))
+        raise InvalidParameterError(f"modes {needing} need an attributor")
+    ids = [item.id for item in items]
+    if len(set(ids)) != len(ids):
+        raise InvalidParameterError("item ids must be unique")
+    folder = Path(out_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    with lock_output(folder):
+        log = ResultsLog(folder / RESULTS_FILE)
+        records = list(log.load())
+        identity = {
+            "target": target_name or describe_target(target),
+            "attributor": attributor_name or (describe_attributor_name(attributor) if attributor is not None else None),
+            "data": data_name,
+            "style": settings.style,
+            "gray_level": settings.gray_level,
+            "system_prompt": settings.system_prompt,
+            "rounds": settings.rounds,
+        }
+        check_run_file(folder / RUN_FILE, identity, resume, bool(records))
+        (folder / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+        done = log.done
+        plain = {str(r["id"]): str(r["answer"]) for r in records if r["mode"] == "plain"}
+        pending = [
+            (item, [mode for mode in chosen_modes if (item.id, mode) not in done])
+            for item in items
+            if any((item.id, mode) not in done for mode in chosen_modes)
+        ]
+        start = time.perf_counter()
+        runner = _Runner(target, attributor, settings, log, folder / THUMBS_DIR, identity)
+        try:
+            runner.run(pending, plain)
+        finally:
+            run = {
+                **identity,
+                "items": len(items),
+                "modes": list(chosen_modes),
+                "answered": len(log.records) - len(records),
+                "wall_seconds": time.perf_counter() - start,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            report = write_reports(folder, log.records, items, chosen_modes, run, settings)
+    return report
+
+
+def describe_attributor_name(attributor: Attributor) -> str:
+    """A short name for an attributor: its backend and, when known, its model."""
+    model = getattr(attributor, "model_name", None)
+    return f"{attributor.name}({model})" if isinstance(model, str) else str(attributor.name)
