@@ -46,8 +46,8 @@ from api_tool.backends.llava import LlavaAttributor
 from api_tool.backends.lvlm import answer_token_ids, prompt_text
 from api_tool.demo.scenes import Question, Scene, SceneObject, generate_scene, scene_questions
 from api_tool.demo.tiny_llava import DEMO_LLAVA_DIR, load_tiny_llava
-from training.train_llava import LOCATION_TEMPLATE, TYPE_NAMES, location_answer
 from api_tool.geometry import Letterbox
+from training.train_llava import LOCATION_TEMPLATE, TYPE_NAMES, location_answer
 
 NON_SQUARE_SIZES: tuple[tuple[int, int], ...] = ((320, 224), (224, 320), (384, 224), (256, 384), (352, 256))
 QUERY_KINDS: dict[str, str] = {"existence": "is there {a} {x} in the image?", "location": LOCATION_TEMPLATE}

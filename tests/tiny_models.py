@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from api_tool.demo.tiny_llava import build_tiny_llava, build_tiny_llava_processor, save_tiny_llava
+from tests.tiny_lvlms import suppress_special_tokens
 
 TINY_IMAGE_SIZE = 64
 TINY_PATCH_SIZE = 8
@@ -43,6 +44,7 @@ def tiny_llava(
     """
     processor = build_tiny_llava_processor(image_size=image_size, patch_size=patch_size)
     model = build_tiny_llava(processor, layers=layers, seed=seed)
+    suppress_special_tokens(model, processor.tokenizer)
     saved = save_tiny_llava(model, processor, directory) if directory is not None else None
     return TinyLlava(model=model, processor=processor, directory=saved)
 

@@ -63,7 +63,6 @@ from api_tool.demo.clip_model import (
     load_demo_clip,
     save_demo_clip,
 )
-from training.flags import parse_config
 from api_tool.demo.scenes import (
     COLOUR_NAMES,
     SHAPES,
@@ -80,6 +79,7 @@ from api_tool.demo.scenes import (
     true_relations,
 )
 from api_tool.errors import InvalidParameterError
+from training.flags import parse_config
 
 WILD_COLOUR = len(COLOUR_NAMES)
 WILD_SHAPE = len(SHAPES)

@@ -69,7 +69,6 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from api_tool.backends.lvlm import answer_token_ids, image_attention, prompt_text
 from api_tool.backends.lvlm_families.base import apply_rotary, split_heads
 from api_tool.backends.lvlm_families.llava import language_model_layers as decoder_layers
-from training.flags import parse_config
 from api_tool.demo.scenes import (
     DEFAULT_CONFIG,
     EXTENT,
@@ -87,6 +86,7 @@ from api_tool.demo.scenes import (
     scene_vocabulary,
 )
 from api_tool.demo.tiny_llava import DEMO_LLAVA_DIR, build_tiny_llava, build_tiny_llava_processor, save_tiny_llava
+from training.flags import parse_config
 
 LOCATION = "location"
 TYPE_NAMES: tuple[str, ...] = (*QUESTION_TYPES, LOCATION)

@@ -42,6 +42,7 @@ from transformers import (
 )
 
 from api_tool.demo.tiny_llava import vocabulary
+from tests.tiny_lvlms import suppress_special_tokens
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -205,6 +206,7 @@ def build_tiny_gemma3(
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    suppress_special_tokens(model, processor.tokenizer)
     return model.eval(), processor
 
 

@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from api_tool.demo.tiny_llava import vocabulary
+from tests.tiny_lvlms import suppress_special_tokens
 
 ROW_COL_TOKENS: tuple[str, ...] = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
 FAMILY_TOKENS = {
@@ -223,6 +224,7 @@ def build_tiny_idefics3(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    suppress_special_tokens(model, tokenizer)
     return model.float().eval(), processor
 
 

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from api_tool.demo.tiny_llava import vocabulary
+from tests.tiny_lvlms import suppress_special_tokens
 
 TILE_SIZE = 32
 PATCH_SIZE = 4
@@ -160,6 +161,7 @@ def build_tiny_internvl(
         model = InternVLForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    suppress_special_tokens(model, processor.tokenizer)
     return model.to(torch.float32).eval(), processor
 
 

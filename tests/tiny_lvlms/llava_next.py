@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from api_tool.demo.tiny_llava import IMAGE_TOKEN, build_tiny_llava_processor
+from tests.tiny_lvlms import suppress_special_tokens
 
 VIDEO_TOKEN = "<video>"
 FAMILY_TOKENS = ("[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", VIDEO_TOKEN)
@@ -114,6 +115,7 @@ def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, eos: int
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    suppress_special_tokens(model, tokenizer)
     return model.float().eval()
 
 

@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from api_tool.demo.tiny_llava import vocabulary
+from tests.tiny_lvlms import suppress_special_tokens
 
 Variant = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 VARIANTS: tuple[Variant, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
@@ -241,6 +242,7 @@ def build_tiny_qwen2_vl(
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
+    suppress_special_tokens(model, processor.tokenizer)
     return model, processor
 
 

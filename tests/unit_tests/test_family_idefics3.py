@@ -388,7 +388,7 @@ def test_round_trip_through_a_directory(tiny, tmp_path):
     with torch.no_grad():
         logits = model(**first.inputs).logits
         loaded_logits = loaded(**second.inputs).logits
-    assert torch.equal(logits, loaded_logits)
+    assert_sums_close(loaded_logits, logits, n_terms=N_TERMS)  # saved and reloaded: same weights
 
 
 def test_check_model_refuses_what_it_cannot_attribute(tiny):

@@ -373,7 +373,7 @@ def test_round_trip_through_save_pretrained(tiny, family, tmp_path):
     assert torch.equal(before.inputs["input_ids"], after.inputs["input_ids"])
     assert torch.equal(before.inputs["pixel_values"], after.inputs["pixel_values"])
     with torch.no_grad():
-        assert torch.equal(model(**before.inputs).logits, loaded(**after.inputs).logits)
+        assert_sums_close(loaded(**after.inputs).logits, model(**before.inputs).logits, n_terms=FORWARD_TERMS)
 
 
 def test_through_the_shared_mechanism_once_the_family_table_lists_internvl():

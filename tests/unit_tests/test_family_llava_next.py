@@ -414,7 +414,7 @@ def test_round_trip_through_save_pretrained(kind: str, tmp_path) -> None:
     assert torch.equal(before.inputs["input_ids"], after.inputs["input_ids"])
     assert [(t.grid, t.box) for t in before.tiles] == [(t.grid, t.box) for t in after.tiles]
     with torch.no_grad():
-        assert torch.equal(model(**before.inputs).logits, loaded(**after.inputs).logits)
+        assert_sums_close(loaded(**after.inputs).logits, model(**before.inputs).logits, n_terms=FORWARD_TERMS)
 
 
 def test_layout_function_matches_the_processor_count_over_many_sizes() -> None:

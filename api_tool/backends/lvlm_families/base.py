@@ -169,6 +169,21 @@ def check_plain_rotary_attention(attention: torch.nn.Module) -> None:
         )
 
 
+def image_processing_device(processor: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """``{"device": ...}`` for a processor call when the image processor runs on torch tensors (transformers'
+    torchvision backend) and the model sits on a GPU: resizing and normalising the image there instead of
+    on the CPU (about 100 ms for a 1280 x 960 photo on a small CPU). Empty otherwise (PIL/NumPy processors,
+    CPU models), so results on the CPU are unchanged."""
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:
+        return {}
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cuda" or not isinstance(getattr(processor, "image_processor", None), TorchvisionBackend):
+        return {}
+    return {"device": device}
+
+
 def appended_inputs(prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
     """The prompt's inputs with ``answer_ids`` appended: ``input_ids`` extended, ``attention_mask`` all
     ones, other per-token tensors (``token_type_ids``...) extended with zeros, the rest (pixels, grids)

@@ -44,6 +44,7 @@ from api_tool.backends.lvlm_families.base import (
     Projection,
     Tile,
     apply_rotary,
+    image_processing_device,
     split_heads,
 )
 from api_tool.backends.lvlm_families.llava import letterbox_tile_box
@@ -297,6 +298,7 @@ class Gemma3Family(FamilyAdapter):
             do_resize=False,
             do_pan_and_scan=False,
             add_special_tokens=not (bos and text.startswith(bos)),
+            **image_processing_device(processor, model),
         )
         pixels = encoded["pixel_values"]
         if tuple(pixels.shape) != (1, 3, side, side):

@@ -61,7 +61,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from api_tool.backends.lvlm_families.base import FamilyAdapter, PreparedPrompt, Tile
+from api_tool.backends.lvlm_families.base import FamilyAdapter, PreparedPrompt, Tile, image_processing_device
 from api_tool.errors import ImageTokenError, UnsupportedModelError
 from api_tool.geometry import Box
 
@@ -364,7 +364,7 @@ class Idefics3Family(FamilyAdapter):
         model's device, and one ``Tile`` per frame: the crops row-major, then the global image."""
         rgb = image.convert("RGB")
         text = self.prompt_text(processor, question)
-        encoded = processor(images=[rgb], text=text, return_tensors="pt")
+        encoded = processor(images=[rgb], text=text, return_tensors="pt", **image_processing_device(processor, model))
         input_ids = encoded["input_ids"][0].cpu()
         grid = crop_grid(rgb.size, processor.image_processor)
         frames = grid[0] * grid[1] + 1 if grid[0] else 1

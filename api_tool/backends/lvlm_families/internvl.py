@@ -48,6 +48,7 @@ from api_tool.backends.lvlm_families.base import (
     Projection,
     Tile,
     apply_rotary,
+    image_processing_device,
 )
 from api_tool.errors import ImageTokenError, UnsupportedModelError
 from api_tool.geometry import Box
@@ -350,6 +351,7 @@ class InternVLFamily(FamilyAdapter):
             crop_to_patches=True,
             min_patches=min_tiles,
             max_patches=max_tiles,
+            **image_processing_device(processor, model),
         )
         pixels = encoded["pixel_values"]
         if pixels.shape[0] != len(boxes) or tuple(pixels.shape[-2:]) != (side, side):

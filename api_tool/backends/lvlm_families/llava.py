@@ -16,7 +16,13 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, PretrainedConfig
 
-from api_tool.backends.lvlm_families.base import FamilyAdapter, PreparedPrompt, Tile, check_plain_rotary_attention
+from api_tool.backends.lvlm_families.base import (
+    FamilyAdapter,
+    PreparedPrompt,
+    Tile,
+    check_plain_rotary_attention,
+    image_processing_device,
+)
 from api_tool.errors import ImageTokenError, UnsupportedModelError
 from api_tool.geometry import Box, Letterbox
 
@@ -143,6 +149,7 @@ class LlavaFamily(FamilyAdapter):
             return_tensors="pt",
             do_resize=False,
             do_center_crop=False,
+            **image_processing_device(processor, model),
         )
         pixels = encoded["pixel_values"]
         if tuple(pixels.shape[-2:]) != (side, side):

@@ -67,6 +67,7 @@ from api_tool.backends.lvlm_families.base import (
     PreparedPrompt,
     Tile,
     check_plain_rotary_attention,
+    image_processing_device,
 )
 from api_tool.backends.lvlm_families.llava import check_llava_config, image_token_id, language_model_layers
 from api_tool.errors import ImageTokenError, UnsupportedModelError
@@ -413,7 +414,7 @@ class AnyresLlavaFamily(FamilyAdapter):
                 f"exactly one; check the processor's chat template: {text!r}"
             )
         rgb = image.convert("RGB")
-        encoded = processor(images=rgb, text=text, return_tensors="pt")
+        encoded = processor(images=rgb, text=text, return_tensors="pt", **image_processing_device(processor, model))
         layout = self.layout(model, rgb.size)
         side = layout.side
         pixels = encoded["pixel_values"]

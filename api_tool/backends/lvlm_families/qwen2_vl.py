@@ -54,6 +54,7 @@ from api_tool.backends.lvlm_families.base import (
     Projection,
     Tile,
     apply_rotary,
+    image_processing_device,
     split_heads,
 )
 from api_tool.errors import ImageTokenError, InvalidParameterError, UnsupportedModelError
@@ -366,7 +367,9 @@ class Qwen2VLFamily(FamilyAdapter):
             )
         rgb = image.convert("RGB")
         extra = resize_kwargs(processor.image_processor, self.max_pixels)
-        encoded = processor(images=[rgb], text=[text], return_tensors="pt", **extra)
+        encoded = processor(
+            images=[rgb], text=[text], return_tensors="pt", **extra, **image_processing_device(processor, model)
+        )
         merge = int(model.config.vision_config.spatial_merge_size)
         grid_thw = encoded["image_grid_thw"]
         if grid_thw.shape[0] != 1:
