@@ -37,6 +37,7 @@ from api_tool.errors import ApiPromptingError, OutputPathError, RemoteImageNotAl
 from api_tool.families import backend_names, table
 from api_tool.maps import COMBINE_MODES
 from api_tool.render import STYLES
+from api_tool.summary import map_summary
 
 if TYPE_CHECKING:
     from api_tool.prompt import PromptedImage
@@ -51,7 +52,6 @@ OUTPUT_FORMATS = {
     ".tif": "TIFF",
     ".tiff": "TIFF",
 }
-BOX_THRESHOLD = 0.5
 COMMANDS_GROUP = "api_prompt.commands"
 """Entry-point group of sub-commands other packages add (``agents`` adds ``eval``)."""
 
@@ -330,32 +330,6 @@ def _write(result: PromptedImage, output: Path) -> float:
     output.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(output, format=output_format(output))
     return time.perf_counter() - start
-
-
-def map_summary(result: PromptedImage, *, image: str, question: str, output: Path, model: str) -> dict[str, Any]:
-    """A JSON-ready description of one map: where it peaks in pixels (``x``, ``y`` of the mask's
-    maximum), the attended box (``mask >= 0.5``, as ``x0, y0, x1, y1``), sizes and settings."""
-    import numpy as np
-
-    from api_tool.render import attention_box
-
-    mask = result.mask
-    row, col = np.unravel_index(int(np.argmax(mask)), mask.shape)
-    summary: dict[str, Any] = {
-        "image": image,
-        "question": question,
-        "output": str(output),
-        "model": model,
-        "image_size": list(result.original.size),
-        "grid": list(result.map.grid_shape),
-        "peak": {"x": int(col), "y": int(row), "value": round(float(mask[row, col]), 6)},
-        "box": list(attention_box(mask, threshold=BOX_THRESHOLD, margin=0.0)),
-        "attended_fraction": round(float((mask >= BOX_THRESHOLD).mean()), 6),
-    }
-    answer = result.map.metadata.get("answer")
-    if answer is not None:
-        summary["answer"] = answer
-    return summary
 
 
 def _print_line(summary: dict[str, Any]) -> None:

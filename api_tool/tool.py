@@ -54,13 +54,8 @@ from pydantic.v1 import ValidationError as ValidationErrorV1
 
 from api_tool.backends.base import Attributor, check_query
 from api_tool.backends.registry import get_attributor
-from api_tool.errors import (
-    ApiPromptingError,
-    ImageLoadError,
-    ImagePathNotAllowedError,
-    InvalidParameterError,
-    NotAnImageError,
-)
+from api_tool.errors import ApiPromptingError, ImageLoadError, ImagePathNotAllowedError, InvalidParameterError
+from api_tool.image_refs import load_named_image, resolve_allowed_dirs
 from api_tool.images import ImageRef, encode_image, load_image
 from api_tool.maps import AttributionMap
 from api_tool.prompt import PromptedImage, attention_prompt
@@ -76,11 +71,6 @@ TOOL_DESCRIPTION = (
 IMAGE_BLOCK_TYPES = frozenset({"image", "image_url"})
 _CONVERSATION_REF = re.compile(r"^\s*(?:conversation|image)\s*[:#]?\s*(?P<index>-?\d+)\s*$", re.IGNORECASE)
 _LATEST_REFS = frozenset({"", "latest", "last", "conversation", "current", "the image", "user image"})
-# The strings ``load_image`` reads as a URL or a data URI before it tries them as a path (same tests, same case),
-# and its test for base64 (which it tries as a path first, so the tool wraps base64 as a data URI).
-_REMOTE_PREFIXES = ("http://", "https://")
-_DATA_URI = re.compile(r"^data:image/[\w.+-]+;base64,")
-_BASE64_TEXT = re.compile(r"^[A-Za-z0-9+/=\s_-]{32,}$")
 _USE_CONVERSATION = (
     "Leave `image` empty to use the latest image the user sent, or pass 'conversation:N' for the N-th one."
 )
@@ -306,16 +296,7 @@ class AttentionPromptTool(BaseTool):
     @field_validator("allowed_dirs")
     @classmethod
     def _resolve_allowed_dirs(cls, value: list[Path]) -> list[Path]:
-        resolved = []
-        for directory in value:
-            try:
-                path = directory.expanduser().resolve(strict=True)
-            except (OSError, RuntimeError):  # missing, a symlink loop, "~user" of no known user
-                path = None
-            if path is None or not path.is_dir():
-                raise InvalidParameterError(f"allowed_dirs: {str(directory)!r} is not an existing directory")
-            resolved.append(path)
-        return resolved
+        return resolve_allowed_dirs(value)
 
     @property
     def backend(self) -> Attributor:
@@ -393,7 +374,10 @@ class AttentionPromptTool(BaseTool):
         if index is None:
             assert image is not None
             try:
-                return self._load_named_image(image), "the given image"
+                loaded = load_named_image(
+                    image, allowed_dirs=self.allowed_dirs, allow_remote=self.allow_remote, hint=_USE_CONVERSATION
+                )
+                return loaded, "the given image"
             except ImagePathNotAllowedError as exc:
                 raise ToolException(str(exc)) from exc
             except ImageLoadError as exc:
@@ -417,40 +401,3 @@ class AttentionPromptTool(BaseTool):
             raise ToolException(f"the image in the conversation could not be loaded: {exc}") from exc
         position = index + 1 if index >= 0 else len(sources) + index + 1
         return loaded, f"user image {position} of {len(sources)} in the conversation"
-
-    def _load_named_image(self, reference: str) -> Image.Image:
-        """The image a tool call names. Only a URL, data URI or base64 string reaches ``load_image`` as text
-        (base64 wrapped as a data URI, so it is never looked up as a file name); anything else is a path,
-        checked by ``_allowed_path`` and passed on resolved."""
-        text = reference.strip()
-        if text.startswith(_REMOTE_PREFIXES) or _DATA_URI.match(text):
-            return load_image(text, allow_remote=self.allow_remote)
-        if _BASE64_TEXT.match(text):
-            try:
-                return load_image(f"data:image/png;base64,{text}")
-            except ImageLoadError as exc:
-                raise NotAnImageError(
-                    f"{text[:60]!r} holds only base64 characters, so it was read as a base64 image: {exc}"
-                ) from exc
-        return load_image(self._allowed_path(text))
-
-    def _allowed_path(self, text: str) -> Path:
-        """The resolved file ``text`` names when it lies inside ``allowed_dirs``, else
-        ``ImagePathNotAllowedError`` (also for a missing file, so a refusal tells nothing about the disk)."""
-        if text[:5].lower() == "file:":
-            raise ImagePathNotAllowedError(f"file: URIs are not accepted ({text[:200]!r}). {_USE_CONVERSATION}")
-        if not self.allowed_dirs:
-            raise ImagePathNotAllowedError(
-                f"{text[:200]!r} is a file path, and this tool reads no files named in a tool call. {_USE_CONVERSATION}"
-            )
-        try:
-            path = Path(text).expanduser().resolve(strict=True)
-        except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, unknown "~user", a NUL byte
-            path = None
-        if path is None or not any(path.is_relative_to(directory) for directory in self.allowed_dirs):
-            directories = ", ".join(str(directory) for directory in self.allowed_dirs)
-            raise ImagePathNotAllowedError(
-                f"{text[:200]!r} is not an existing file inside the directories this tool may read "
-                f"({directories}). {_USE_CONVERSATION}"
-            )
-        return path
