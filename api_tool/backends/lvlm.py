@@ -19,6 +19,10 @@ greedy answer this equals the generation path. ``focus=`` averages only the step
 substring of the answer (the authors' demo variant). The step that predicts the end-of-sequence token
 is left out; an empty answer scores the last prompt position alone.
 
+Image passes: the model's image encoder is memoised (``image_feature_cache``), so scoring an answer that
+was just generated from the same image (by this attributor or by a chat model sharing the model) reruns
+only the language model up to the probed block.
+
 Attention capture: nothing forces eager attention and no attention matrix is stored. A forward pre-hook
 on block ``layer``'s self-attention receives the block's normalised hidden states and rotary embeddings;
 the family adapter recomputes that block's keys for the image positions (once, at prefill) and its
@@ -55,6 +59,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from api_tool.backends.base import check_query, model_lock, resolve_device, resolve_layer
+from api_tool.backends.image_feature_cache import share_image_features
 from api_tool.backends.lvlm_families.base import LvlmFamilyAdapter, PreparedPrompt, Tile
 from api_tool.errors import (
     FocusNotFoundError,
@@ -416,6 +421,7 @@ class LvlmAttributor:
         self.enhance_coe = float(enhance_coe)
         self.kernel_size = kernel_size
         self.eos_ids = end_token_ids(model, processor.tokenizer) | self.family.end_token_ids(processor)
+        self.image_features = share_image_features(model)
         self._lock = model_lock(model)
 
     @property
@@ -550,7 +556,7 @@ class LvlmAttributor:
         probe = self._probe(prompt, queries, stop_after_first=True)
         inputs = self.family.teacher_forcing_inputs(prompt, answer_ids)
         with probe.attached(), suppress(_CaptureCompleteError):
-            self.model(**inputs, use_cache=False)
+            self.model(**inputs)  # as generation calls it, so the vision tower's memo answers
         decoded = self.processor.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
         return _Steps(rows=torch.cat(probe.rows), answer_ids=answer_ids, answer=decoded)
 

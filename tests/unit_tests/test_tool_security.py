@@ -151,11 +151,13 @@ def test_a_base64_looking_file_name_is_never_opened(tree: dict[str, Path], monke
 
 def test_a_refused_path_is_not_tried_as_anything_else(tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     loaded: list[Any] = []
-    monkeypatch.setattr("api_tool.tool.load_image", lambda ref, **_: loaded.append(ref))
+    monkeypatch.setattr("api_tool.image_refs.load_image", lambda ref, **_: loaded.append(ref))
     tool = strict_tool(allowed_dirs=[tree["allowed"]])
     for reference in ("relative/secret.png", str(tree["private"] / "secret.png"), "data:text/plain,x", "HTTP://x/y"):
         assert ask(tool, reference).status == "error"
     assert loaded == []
+    ask(tool, str(tree["allowed"] / "a.png"))  # the patched loader is the one a model-named path reaches
+    assert loaded == [tree["allowed"] / "a.png"]
 
 
 def test_images_the_user_sent_and_inline_images_still_work(tree: dict[str, Path]) -> None:
