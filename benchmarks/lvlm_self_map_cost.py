@@ -6,15 +6,19 @@ Qwen2.5-VL-7B's shape with random weights (bf16, SDPA), one image of ``--width``
 * ``preprocessing``: the processor on the image and prompt (on the GPU when the model is there);
 * ``answer``: preprocessing + ``model.generate`` of ``--new-tokens`` tokens (min = max, so every run
   decodes the same): what answering costs from an image;
-* ``self-map (teacher forcing)``: ``LvlmAttributor.attribute(image, question, answer=...)`` on an answer
-  of the same length: one forward pass over prompt + answer, stopped at the probed block;
+* ``self-map (teacher forcing) after the answer``: ``LvlmAttributor.attribute(image, question, answer=...)``
+  on an answer of the same length, right after that answer was generated from the image (the reflection
+  loop's order): one forward pass over prompt + answer, stopped at the probed block, the image encoder's
+  output taken from the answer's pass (``image_feature_cache``);
+* ``self-map (teacher forcing), cold``: the same with no answer before it (the image encoder runs);
 * ``self-map (generation)``: ``LvlmAttributor.attribute(image, question)``: the answer and its map in one
   generation, the probe attached;
 * ``eager``: what users do without the probe: ``attn_implementation="eager"`` and
   ``generate(output_attentions=True)``, then the map from the stored attention of the probed block.
 
-Time is the median of ``--repeats`` runs after a warm-up (CUDA synchronised); memory is the peak
-allocated during a run, also given above the weights. Prints a table and the ratios; ``--out`` writes JSON.
+Time is the median of ``--repeats`` runs after a warm-up (CUDA synchronised), each after its own untimed
+set-up (the image-feature memo cleared, and for "after the answer" the answer generated); memory is the
+peak allocated during a run, also given above the weights. Prints a table and the ratios; ``--out`` writes JSON.
 
 Example:
     python benchmarks/lvlm_self_map_cost.py --out benchmarks/results/lvlm_self_map_cost.json
@@ -116,13 +120,17 @@ def photo(width: int, height: int) -> Image.Image:
     return coarse.resize((width, height), Image.Resampling.BICUBIC)
 
 
-def measure(run: Callable[[], Any], repeats: int, device: torch.device) -> dict[str, float]:
+def measure(
+    run: Callable[[], Any], repeats: int, device: torch.device, setup: Callable[[], Any] = lambda: None
+) -> dict[str, float]:
     """Median seconds and the largest peak of allocated memory (CUDA only; 0 elsewhere) over ``repeats``
-    runs after one warm-up."""
+    runs after one warm-up, each run after an untimed ``setup()``."""
     cuda = device.type == "cuda"
+    setup()
     run()
     seconds, peaks = [], [0]
     for _ in range(repeats):
+        setup()
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -185,11 +193,19 @@ def main() -> None:
     def generated_with_map() -> Any:
         return attributor.attribute(image, question)
 
+    cache = attributor.image_features
+    assert cache is not None
+
+    def answered_before() -> None:
+        cache.clear()
+        plain_answer()
+
     rows = {
         "preprocessing": measure(preprocessing, args.repeats, device),
-        "answer": measure(plain_answer, args.repeats, device),
-        "self-map (teacher forcing)": measure(teacher_forced, args.repeats, device),
-        "self-map (generation)": measure(generated_with_map, args.repeats, device),
+        "answer": measure(plain_answer, args.repeats, device, cache.clear),
+        "self-map (teacher forcing) after the answer": measure(teacher_forced, args.repeats, device, answered_before),
+        "self-map (teacher forcing), cold": measure(teacher_forced, args.repeats, device, cache.clear),
+        "self-map (generation)": measure(generated_with_map, args.repeats, device, cache.clear),
     }
     forced_steps = teacher_forced().metadata["steps"]
     model.set_attn_implementation("eager")
@@ -205,12 +221,13 @@ def main() -> None:
             rows_per_step.append((scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0))
         return torch.stack(rows_per_step).mean(dim=0).cpu().numpy()
 
-    rows["eager output_attentions"] = measure(eager_map, max(1, args.repeats // 2), device)
-    answer_row = rows["answer"]
+    rows["eager output_attentions"] = measure(eager_map, max(1, args.repeats // 2), device, cache.clear)
+    answer_row, after = rows["answer"], rows["self-map (teacher forcing) after the answer"]
     ratios = {
-        "teacher forcing / answer (time)": rows["self-map (teacher forcing)"]["seconds"] / answer_row["seconds"],
-        "teacher forcing peak - answer peak (GiB)": rows["self-map (teacher forcing)"]["peak_gib"]
-        - answer_row["peak_gib"],
+        "teacher forcing after the answer / answer (time)": after["seconds"] / answer_row["seconds"],
+        "teacher forcing after the answer: peak / answer peak": after["peak_gib"] / max(answer_row["peak_gib"], 1e-9),
+        "teacher forcing cold / answer (time)": rows["self-map (teacher forcing), cold"]["seconds"]
+        / answer_row["seconds"],
         "generation with map / answer (time)": rows["self-map (generation)"]["seconds"] / answer_row["seconds"],
         "eager / answer (time)": rows["eager output_attentions"]["seconds"] / answer_row["seconds"],
         "eager peak / answer peak": rows["eager output_attentions"]["peak_gib"] / max(answer_row["peak_gib"], 1e-9),
@@ -222,10 +239,10 @@ def main() -> None:
         f"{args.new_tokens} new tokens; probed block {layer}; teacher forcing scored {forced_steps} steps; "
         f"weights {weights_gib:.2f} GiB (built in {build_seconds:.0f} s)"
     )
-    print(f"{'':30} {'seconds':>9} {'peak GiB':>9} {'above weights':>14}")
+    print(f"{'':44} {'seconds':>9} {'peak GiB':>9} {'above weights':>14}")
     for name, row in rows.items():
         above = row["peak_gib"] - weights_gib
-        print(f"{name:30} {row['seconds']:9.3f} {row['peak_gib']:9.2f} {above:14.2f}")
+        print(f"{name:44} {row['seconds']:9.3f} {row['peak_gib']:9.2f} {above:14.2f}")
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
     if args.out is not None:
