@@ -17,13 +17,17 @@ $(STAMP): pyproject.toml
 example: $(STAMP)
 	$(BIN)/python examples/quickstart.py --out out
 
+## Serve the web page on http://127.0.0.1:7860 (offline demo models).
+ui: $(STAMP)
+	$(BIN)/api-prompt ui
+
 # A second configuration that computes the way other machines do: torch's plain (non-SIMD) kernels,
 # MKL and oneDNN held to SSE4, one thread. Float sums then add in another order than on this machine
 # (AVX2 or AVX-512, two threads), so a tolerance tighter than the dtype allows fails here too.
 OTHER_MACHINE := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 \
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-.PHONY: example test test-other-machine lint benchmark clean
+.PHONY: example ui test test-other-machine lint benchmark clean
 
 ## Lint and run the whole test suite twice: as this machine computes, then as another would (what CI runs).
 test: $(STAMP)

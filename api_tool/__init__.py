@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from api_tool.backends.base import Attributor
     from api_tool.backends.clip import ClipAttributor
     from api_tool.backends.llava import LlavaAttributor
+    from api_tool.backends.lvlm import LvlmAttributor
     from api_tool.backends.registry import get_attributor
     from api_tool.images import encode_image, load_image
     from api_tool.maps import AttributionMap
@@ -29,6 +30,7 @@ _MODULE_OF = {
     "Attributor": "api_tool.backends.base",
     "ClipAttributor": "api_tool.backends.clip",
     "LlavaAttributor": "api_tool.backends.llava",
+    "LvlmAttributor": "api_tool.backends.lvlm",
     "PromptedImage": "api_tool.prompt",
     "attention_prompt": "api_tool.prompt",
     "attention_prompt_many": "api_tool.prompt",
@@ -44,6 +46,7 @@ __all__ = [
     "Attributor",
     "ClipAttributor",
     "LlavaAttributor",
+    "LvlmAttributor",
     "PromptedImage",
     "attention_prompt",
     "attention_prompt_many",
