@@ -68,7 +68,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from api_tool.backends.lvlm import answer_token_ids, image_attention, prompt_text
 from api_tool.backends.lvlm_families.base import apply_rotary, split_heads
-from api_tool.backends.lvlm_families.llava import language_model_layers as decoder_layers
+from api_tool.backends.lvlm_families.base import language_model_layers as decoder_layers
 from api_tool.demo.scenes import (
     DEFAULT_CONFIG,
     EXTENT,

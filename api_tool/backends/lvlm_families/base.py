@@ -143,19 +143,52 @@ def rope_project(
     position_embeddings: Any,
     positions: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``LvlmFamilyAdapter.project`` for Llama-style blocks (Llama, Mistral, Qwen2): ``q_proj`` /
-    ``k_proj``, then 1-D RoPE with the ``(cos, sin)`` the block received; fp32 ``(B, heads, len, D)``."""
+    """``LvlmFamilyAdapter.project`` for Llama-style blocks (Llama, Mistral, Qwen2, Qwen3): see
+    ``rotate_projected``, with the ``(cos, sin)`` the block received."""
     if position_embeddings is None:
         raise UnsupportedModelError(
             "the attention layer received no rotary position embeddings; this transformers version computes "
             "them inside the layer, which the attention probe cannot follow (upgrade transformers)"
         )
     cos, sin = (part if part.dim() == 3 else part[None] for part in position_embeddings)
+    return rotate_projected(attention, projection, hidden, cos, sin, positions)
+
+
+def rotate_projected(
+    attention: torch.nn.Module,
+    projection: Projection,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+) -> torch.Tensor:
+    """Queries / keys as the block computes them, for ``positions`` only (all when ``None``): ``q_proj`` /
+    ``k_proj`` in the model's dtype, the block's per-head ``q_norm`` / ``k_norm`` when it has them (Qwen3,
+    Qwen3-VL), then rotary embedding with ``cos, sin (B, S, D)`` in fp32. Returns ``(B, heads, len, D)`` fp32."""
     if positions is not None:
         hidden, cos, sin = hidden[:, positions], cos[:, positions], sin[:, positions]
-    module = attention.q_proj if projection == "q" else attention.k_proj
-    states = split_heads(module(hidden), int(attention.head_dim)).float()
-    return apply_rotary(states, cos.float(), sin.float())
+    linear = attention.q_proj if projection == "q" else attention.k_proj
+    norm = getattr(attention, "q_norm" if projection == "q" else "k_norm", None)
+    batch, length, _ = hidden.shape
+    states = linear(hidden).view(batch, length, -1, int(attention.head_dim))
+    if norm is not None:
+        states = norm(states)
+    return apply_rotary(states.transpose(1, 2).float(), cos.float(), sin.float())
+
+
+def language_model_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The language model's decoder blocks: ``model.model.language_model.layers`` (transformers >= 4.52),
+    else ``model.language_model.model.layers`` or ``model.model.layers``."""
+    inner = getattr(model, "model", None)
+    candidates = (
+        getattr(getattr(inner, "language_model", None), "layers", None),
+        getattr(getattr(getattr(model, "language_model", None), "model", None), "layers", None),
+        getattr(inner, "layers", None),
+    )
+    for layers in candidates:
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise UnsupportedModelError(f"cannot find the decoder blocks of {type(model).__name__}")
 
 
 def check_plain_rotary_attention(attention: torch.nn.Module) -> None:

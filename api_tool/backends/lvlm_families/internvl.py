@@ -45,10 +45,9 @@ from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_t
 from api_tool.backends.lvlm_families.base import (
     FamilyAdapter,
     PreparedPrompt,
-    Projection,
     Tile,
-    apply_rotary,
     image_processing_device,
+    language_model_layers,
 )
 from api_tool.errors import ImageTokenError, UnsupportedModelError
 from api_tool.geometry import Box
@@ -176,33 +175,6 @@ def sliding_window_limit(layers: torch.nn.ModuleList) -> int | None:
     return min(windows) if windows else None
 
 
-def qk_rope_project(
-    attention: torch.nn.Module,
-    projection: Projection,
-    hidden: torch.Tensor,
-    position_embeddings: Any,
-    positions: torch.Tensor | None,
-) -> torch.Tensor:
-    """Queries / keys of a Llama / Qwen2 / Qwen3 block: ``q_proj`` / ``k_proj`` (in the model's dtype), the
-    block's per-head ``q_norm`` / ``k_norm`` when it has them (Qwen3), then 1-D RoPE with the block's
-    ``(cos, sin)`` in fp32. Returns ``(B, heads, len, head_dim)`` fp32 for ``positions`` (all when ``None``)."""
-    if position_embeddings is None:
-        raise UnsupportedModelError(
-            "the attention layer received no rotary position embeddings; this transformers version computes "
-            "them inside the layer, which the attention probe cannot follow (upgrade transformers)"
-        )
-    cos, sin = (part if part.dim() == 3 else part[None] for part in position_embeddings)
-    if positions is not None:
-        hidden, cos, sin = hidden[:, positions], cos[:, positions], sin[:, positions]
-    linear = attention.q_proj if projection == "q" else attention.k_proj
-    norm = getattr(attention, "q_norm" if projection == "q" else "k_norm", None)
-    batch, length, _ = hidden.shape
-    states = linear(hidden).view(batch, length, -1, int(attention.head_dim))
-    if norm is not None:
-        states = norm(states)
-    return apply_rotary(states.transpose(1, 2).float(), cos.float(), sin.float())
-
-
 # ----------------------------------------------------------------------------------------------
 # The adapter.
 # ----------------------------------------------------------------------------------------------
@@ -210,13 +182,6 @@ def qk_rope_project(
 
 def _conversation(question: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-
-
-def _language_model(model: torch.nn.Module) -> torch.nn.Module:
-    language_model = getattr(getattr(model, "model", None), "language_model", None)
-    if language_model is None or not isinstance(getattr(language_model, "layers", None), torch.nn.ModuleList):
-        raise UnsupportedModelError(f"cannot find the decoder blocks of {type(model).__name__}")
-    return language_model
 
 
 class InternVLFamily(FamilyAdapter):
@@ -320,18 +285,7 @@ class InternVLFamily(FamilyAdapter):
 
     def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         """The language model's decoder blocks (``model.model.language_model.layers``)."""
-        return _language_model(model).layers
-
-    def project(
-        self,
-        attention: torch.nn.Module,
-        projection: Projection,
-        hidden: torch.Tensor,
-        position_embeddings: Any,
-        positions: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """1-D RoPE queries / keys, with Qwen3's per-head q/k norms when the block has them."""
-        return qk_rope_project(attention, projection, hidden, position_embeddings, positions)
+        return language_model_layers(model)
 
     def prepare(self, model: torch.nn.Module, processor: Any, image: Image.Image, question: str) -> PreparedPrompt:
         """Render the chat prompt, let the processor tile the image, and find each tile's tokens and box."""

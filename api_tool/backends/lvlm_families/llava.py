@@ -22,6 +22,7 @@ from api_tool.backends.lvlm_families.base import (
     Tile,
     check_plain_rotary_attention,
     image_processing_device,
+    language_model_layers,
 )
 from api_tool.errors import ImageTokenError, UnsupportedModelError
 from api_tool.geometry import Box, Letterbox
@@ -74,19 +75,6 @@ def image_token_id(config: PretrainedConfig) -> int:
     if value is None:
         raise UnsupportedModelError("the model config names no image token id")
     return int(value)
-
-
-def language_model_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The language model's decoder blocks (``model.model.language_model.layers`` in recent
-    transformers, ``model.language_model.model.layers`` before)."""
-    inner = getattr(model, "model", None)
-    language_model = getattr(inner, "language_model", None)
-    layers = getattr(language_model, "layers", None)
-    if layers is None:
-        layers = getattr(getattr(getattr(model, "language_model", None), "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise UnsupportedModelError(f"cannot find the decoder blocks of {type(model).__name__}")
-    return layers
 
 
 def check_llava_config(config: PretrainedConfig) -> None:

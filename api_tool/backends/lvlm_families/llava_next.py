@@ -68,8 +68,9 @@ from api_tool.backends.lvlm_families.base import (
     Tile,
     check_plain_rotary_attention,
     image_processing_device,
+    language_model_layers,
 )
-from api_tool.backends.lvlm_families.llava import check_llava_config, image_token_id, language_model_layers
+from api_tool.backends.lvlm_families.llava import check_llava_config, image_token_id
 from api_tool.errors import ImageTokenError, UnsupportedModelError
 from api_tool.geometry import Box
 

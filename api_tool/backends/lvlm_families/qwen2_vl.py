@@ -53,9 +53,9 @@ from api_tool.backends.lvlm_families.base import (
     PreparedPrompt,
     Projection,
     Tile,
-    apply_rotary,
     image_processing_device,
-    split_heads,
+    language_model_layers,
+    rotate_projected,
 )
 from api_tool.errors import ImageTokenError, InvalidParameterError, UnsupportedModelError
 from api_tool.geometry import Box
@@ -196,31 +196,12 @@ def mrope_project(
     heads, ``q_norm`` / ``k_norm`` over the head dimension where the block has them (Qwen3-VL), then the
     rotary embedding with the combined M-RoPE ``(cos, sin)``; fp32 ``(B, heads, len, D)``."""
     cos, sin = rotary_tables(attention, position_embeddings)
-    if positions is not None:
-        hidden, cos, sin = hidden[:, positions], cos[:, positions], sin[:, positions]
-    linear = attention.q_proj if projection == "q" else attention.k_proj
-    norm = getattr(attention, "q_norm" if projection == "q" else "k_norm", None)
-    states = split_heads(linear(hidden), int(attention.head_dim))
-    if norm is not None:
-        states = norm(states.transpose(1, 2)).transpose(1, 2)
-    return apply_rotary(states.float(), cos.float(), sin.float())
+    return rotate_projected(attention, projection, hidden, cos, sin, positions)
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks.
 # ----------------------------------------------------------------------------------------------
-
-
-def language_model_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The text decoder blocks: ``model.model.language_model.layers`` (transformers >= 4.52),
-    ``model.model.layers`` before."""
-    inner = getattr(model, "model", None)
-    layers = getattr(getattr(inner, "language_model", None), "layers", None)
-    if layers is None:
-        layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise UnsupportedModelError(f"cannot find the decoder blocks of {type(model).__name__}")
-    return layers
 
 
 def check_qwen_vl_config(config: Any) -> None:
