@@ -69,11 +69,66 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         name="clip",
         backend="clip",
-        classes="open_clip VisionTransformer CLIPs (ViT-B-32, ViT-L-14-336, ...; 'demo')",
+        classes="open_clip VisionTransformer CLIPs: CLS token (ViT-B-32, ViT-L-14-336, DFN / MetaCLIP tags, ...; "
+        "'demo') or CoCa's attention pool (attentional_pool=True: query 0, ln_post, proj)",
         geometry="letterbox onto the square input; one patch grid",
-        verified="Psi_cls / Psi_comp equal the literal formulas and the authors' code on the same weights",
+        verified="Psi_cls / Psi_comp equal the literal formulas and the authors' code on the same weights; token "
+        "terms + bias = image embedding in float64 (CLS and attention pool); same map as transformers CLIPModel on "
+        "copied weights",
         defaults=AttributionDefaults(layer=-2, combine="paper", enhance_coe=10.0),
+        adapter_path="api_tool.backends.towers.open_clip_vit:OpenClipVitTower",
         spec_prefixes=("clip", "local-dir"),
+    ),
+    Family(
+        name="timm_vit",
+        backend="clip",
+        classes="open_clip TimmModel towers over a timm VisionTransformer (fused qkv): attention-pool head "
+        "(ViT-B-16-SigLIP, ViT-B-16-SigLIP2, ViT-SO400M-14-SigLIP-384, ...) or CLS token (MobileCLIP2-L-14, "
+        "timm vit_*_clip ports of DFN / MetaCLIP); needs timm",
+        geometry="letterbox onto the square input; one patch grid",
+        verified="token terms + bias = image embedding in float64 (probe terms exact; the pool's MLP to first order "
+        "or residual only); same map as transformers SiglipModel on copied weights; random-weight checkpoint "
+        "through 'api-prompt --model NAME --pretrained FILE'",
+        defaults=AttributionDefaults(layer=-2, combine="paper", enhance_coe=10.0),
+        adapter_path="api_tool.backends.towers.timm_vit:TimmVitTower",
+        spec_prefixes=("clip", "local-dir"),
+    ),
+    Family(
+        name="hf_clip",
+        backend="clip",
+        classes="transformers CLIPModel ('hf:<hub id or save_pretrained directory>')",
+        geometry="letterbox onto the square input; one patch grid",
+        verified="same map as the open_clip CLIP on copied weights (text included); token terms + bias = image "
+        "embedding in float64; save_pretrained directory through 'hf:DIR' and the CLI",
+        defaults=AttributionDefaults(layer=-2, combine="paper", enhance_coe=10.0),
+        model_types=("clip",),
+        adapter_path="api_tool.backends.towers.hf:HfClipTower",
+        spec_prefixes=("hf",),
+    ),
+    Family(
+        name="hf_siglip",
+        backend="clip",
+        classes="transformers SiglipModel (SigLIP, fixed-resolution SigLIP2 checkpoints; 'hf:...')",
+        geometry="letterbox onto the square input; one patch grid",
+        verified="same map as open_clip's timm SigLIP tower on copied weights; token terms + bias = image embedding "
+        "in float64",
+        defaults=AttributionDefaults(layer=-2, combine="paper", enhance_coe=10.0),
+        model_types=("siglip",),
+        adapter_path="api_tool.backends.towers.hf:HfSiglipTower",
+        spec_prefixes=("hf",),
+    ),
+    Family(
+        name="hf_siglip2",
+        backend="clip",
+        classes="transformers Siglip2Model (SigLIP2 NaFlex; 'hf:...')",
+        geometry="the image processor's aspect-preserving resize to patch multiples (max_num_patches), no crop or "
+        "padding: one grid per image whose box is the whole image",
+        verified="same map as SiglipModel on the same weights where the grids agree; token terms + bias = image "
+        "embedding in float64; a planted patch lands on its own cell of a non-square grid",
+        defaults=AttributionDefaults(layer=-2, combine="paper", enhance_coe=10.0),
+        model_types=("siglip2",),
+        adapter_path="api_tool.backends.towers.hf:HfSiglip2Tower",
+        spec_prefixes=("hf",),
     ),
     Family(
         name="llava",

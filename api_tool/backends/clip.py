@@ -1,19 +1,23 @@
-"""API-CLIP: query-guided attribution from an open_clip vision transformer.
+"""API-CLIP: query-guided attribution from the image tower of a CLIP-style dual encoder.
 
-With a ViT of ``L`` blocks and ``N`` tokens (CLS + patches), at block ``l``:
+With a ViT of ``L`` blocks and ``N`` tokens, at block ``l`` (``api_tool.backends.psi`` holds the maths,
+``api_tool.backends.towers`` one adapter per kind of tower):
 
-* Psi_cls[m] is token m's contribution to the CLS token through block l's attention,
+* Psi_cls[m] is token m's share of the pooled image embedding through one attention row. For a CLS
+  tower (open_clip ViTs, transformers CLIPModel) it is the CLS token's row in block l,
   ``c_m = sum_h A_h[0, m] (V_h[m] W_O,h) + b_O / N``, taken through the final LayerNorm linearised
   with the CLS token's own final statistics, ``(c_m - mu / ((2L-1) N)) * gamma / sigma +
-  beta / ((2L-1) N)``, projected by ``proj``, divided by the norm of the unnormalised image
-  embedding and dotted with the normalised text embedding.
-* Psi_comp[m] is the patch token's residual stream after block l, through the same linearisation
-  with ``2L-1`` in place of ``(2L-1) N``, projected, divided by the same norm, dotted with the text.
+  beta / ((2L-1) N)``, and projected. For an attention-pool tower (SigLIP, SigLIP2, CoCa) it is the
+  probe's row over the final tokens, exact, then the pool's MLP handed to the tokens to first order
+  (``pool_mlp="first_order"``) or left out (``"residual"``). Divided by the norm of the unnormalised
+  image embedding and dotted with the normalised text embedding.
+* Psi_comp[m] is the patch token's residual stream after block l read the same way (``2L-1`` in place
+  of ``(2L-1) N``), divided by the same norm, dotted with the text.
 
 Both are linear in the text embedding, so the image pass is independent of the query: it is run once
 per image (and cached by image content) and every question costs one text pass and two small
-matrix-vector products. Only block l's CLS attention row is computed; nothing per head or per layer
-is materialised beyond it.
+matrix-vector products. Only one attention row is computed; nothing per head or per layer is
+materialised beyond it.
 
 Example:
     >>> from api_tool.backends.clip import ClipAttributor
@@ -26,12 +30,12 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from api_tool.backends.base import check_query, model_lock, resolve_device, resolve_layer
+from api_tool.backends.psi import POOL_MLP_MODES, PoolMlp, cls_contributions, linearized_layer_norm
+from api_tool.backends.towers import check_open_clip_config, tower_for
+from api_tool.backends.towers.base import LetterboxInput, PreparedImage, ProbePooling, VisionTower
+from api_tool.backends.towers.hf import HF_PREFIX, hf_text_embeddings, is_hf_model, load_hf_dual_encoder
 from api_tool.errors import (
+    InvalidParameterError,
     InvalidQueryError,
     UnknownModelError,
     UnsupportedModelError,
@@ -52,78 +61,27 @@ from api_tool.geometry import GridBox, Letterbox
 from api_tool.images import ImageRef, load_image
 from api_tool.maps import AttributionMap, Combine, combine_maps
 
+__all__ = [
+    "ClipAttributor",
+    "ClipImageFeatures",
+    "cls_contributions",
+    "encode_text_trimmed",
+    "linearized_layer_norm",
+    "load_clip",
+    "resolve_layer",
+]
+
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HUB_HOST = "huggingface.co"
 LOCAL_DIR_PREFIX = "local-dir:"
 HUB_PROBE_TIMEOUT_S = 3.0
-
-
-# ----------------------------------------------------------------------------------------------
-# The maths: small pure functions on tensors.
-# ----------------------------------------------------------------------------------------------
-
-
-def cls_contributions(
-    x_ln: torch.Tensor,
-    in_proj_weight: torch.Tensor,
-    in_proj_bias: torch.Tensor,
-    out_proj_weight: torch.Tensor,
-    out_proj_bias: torch.Tensor,
-    num_heads: int,
-) -> torch.Tensor:
-    """Per-token contributions to the CLS token's attention output, ``(B, N, D)``.
-
-    ``x_ln`` is the block's LayerNorm-ed input ``(B, N, D)`` (token 0 is CLS). Row m is
-    ``sum_h A_h[0, m] V_h[m] W_O,h^T + b_O / N``; the rows sum to the attention output at CLS.
-    """
-    batch, tokens, width = x_ln.shape
-    head_dim = width // num_heads
-    w_q, w_k, w_v = in_proj_weight.chunk(3, dim=0)
-    b_q, b_k, b_v = in_proj_bias.chunk(3, dim=0)
-    q = (x_ln[:, :1] @ w_q.T + b_q).view(batch, 1, num_heads, head_dim).transpose(1, 2)
-    k = (x_ln @ w_k.T + b_k).view(batch, tokens, num_heads, head_dim).transpose(1, 2)
-    v = (x_ln @ w_v.T + b_v).view(batch, tokens, num_heads, head_dim).transpose(1, 2)
-    cls_row = torch.softmax((q @ k.transpose(-1, -2)) / head_dim**0.5, dim=-1)  # (B, H, 1, N)
-    weighted = (cls_row.transpose(-1, -2) * v).transpose(1, 2).reshape(batch, tokens, width)
-    return weighted @ out_proj_weight.T + out_proj_bias / tokens
-
-
-def linearized_layer_norm(
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    share: float,
-) -> torch.Tensor:
-    """The final LayerNorm as a linear map with frozen statistics, split evenly over ``share`` parts.
-
-    ``(x - mean / share) * weight / std + bias / share``; ``mean`` and ``std`` are ``(B, 1, 1)``.
-    """
-    return (x - mean / share) * (weight / std) + bias / share
-
-
-def project_tokens(
-    tokens: torch.Tensor,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    proj: torch.Tensor,
-    embedding_norm: torch.Tensor,
-    share: float,
-) -> torch.Tensor:
-    """Tokens ``(B, N, D)`` into the joint embedding space ``(B, N, E)``, scaled like the image embedding."""
-    linear = linearized_layer_norm(tokens, mean, std, ln_weight, ln_bias, share)
-    return (linear @ proj) / embedding_norm[:, None, None]
-
-
-def score_tokens(projected: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-    """``(B, N, E) x (B, E) -> (B, N)``: each token's dot product with its query's text embedding."""
-    return torch.einsum("bne,be->bn", projected, text_embeddings)
+DEFAULT_POOL_MLP: PoolMlp = "first_order"
+"""How an attention pool's MLP is handed to the tokens by default. Measured on random-weight SigLIP towers
+(``benchmarks/pool_mlp_treatment.py``, results in ``benchmarks/results/pool_mlp_treatment_*.json``): the
+first-order shares predict the pooled score with one token's term removed within 0.1-2 % of the true
+change (residual only: 18-97 %), and correlate better with the effect of dropping a token from the whole
+tower (Pearson 0.14-0.60 against 0.02-0.40) in every tower and regime tried."""
 
 
 def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -157,8 +115,9 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
 class ClipImageFeatures:
     """The query-independent result of one image pass: patch tokens in embedding space.
 
-    ``cls_tokens`` (Psi_cls before the text) and ``comp_tokens`` (Psi_comp before the text) are
-    ``(P, E)`` float32 CPU/GPU tensors for the ``P = rows * cols`` patches, row-major.
+    ``cls_tokens`` (Psi_cls before the text: through the CLS row or the pool's probe) and ``comp_tokens``
+    (Psi_comp before the text) are ``(P, E)`` float32 tensors for the ``P = rows * cols`` patches,
+    row-major, divided by the norm of the image embedding.
     """
 
     cls_tokens: torch.Tensor
@@ -168,59 +127,31 @@ class ClipImageFeatures:
     grid_box: GridBox
 
 
-@dataclass
-class _Captured:
-    block_input: torch.Tensor | None = None
-    block_output: torch.Tensor | None = None
-    final_cls: torch.Tensor | None = None
-
-
-@contextmanager
-def _capture(visual: torch.nn.Module, block: torch.nn.Module) -> Iterator[_Captured]:
-    captured = _Captured()
-
-    def before_block(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        captured.block_input = args[0]
-
-    def after_block(_module: torch.nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        captured.block_output = output
-
-    def before_ln_post(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0]
-        captured.final_cls = x[:, 0] if x.dim() == 3 else x
-
-    handles = [
-        block.register_forward_pre_hook(before_block),
-        block.register_forward_hook(after_block),
-        visual.ln_post.register_forward_pre_hook(before_ln_post),
-    ]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 class ClipAttributor:
-    """API-CLIP attributor over any open_clip ViT.
+    """API-CLIP attributor over a CLIP-style dual encoder (see ``api_tool.backends.towers`` for the towers).
 
     Args:
-        model_name: an open_clip model name ("ViT-L-14-336", "ViT-B-32", ...), a local open_clip
+        model_name: an open_clip model name ("ViT-L-14-336", "ViT-B-16-SigLIP2", ...), a local open_clip
             model directory (``"local-dir:PATH"`` or a plain directory path holding
-            ``open_clip_config.json`` and weights), or ``"demo"`` for the small model shipped with
-            the package (works offline).
-        pretrained: an open_clip pretrained tag ("openai", ...), a local checkpoint path, or ``None``
-            for random weights (tests). Ignored for ``"demo"``.
-        layer: block index into the visual transformer; negative counts from the end. ``None``: the
+            ``open_clip_config.json`` and weights), ``"hf:<hub id or directory>"`` for a transformers
+            ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` (a plain directory with ``config.json`` too),
+            or ``"demo"`` for the small model shipped with the package (works offline).
+        pretrained: an open_clip pretrained tag ("openai", "webli", ...), a local checkpoint path, or
+            ``None`` for random weights (tests). Ignored for ``"demo"``, directories and ``hf:``.
+        layer: block index into the vision transformer; negative counts from the end. ``None``: the
             model's own default if it carries one (``ATTRIBUTION_DEFAULTS_ATTRIBUTE``; the demo CLIP
-            does, see ``api_tool.demo.DEMO_CLIP_RECOMMENDED``), else -2, the paper's second-to-last block.
+            does, see ``api_tool.demo.DEMO_CLIP_RECOMMENDED``), else its family's (``api_tool.families``;
+            -2, the paper's second-to-last block). For an attention-pool tower the probe's map is read
+            after the last block; ``layer`` places Psi_comp.
         device: "cuda", "mps", "cpu" or ``None`` (CUDA, then MPS, then CPU).
         enhance_coe, kernel_size: post-processing, see ``api_tool.maps.combine_maps``; ``enhance_coe``
-            ``None``: the model's own default, else the paper's 10.
-        combine: how Psi_cls and Psi_comp make the mask; ``None``: the model's own default, else
-            ``"paper"``.
+            ``None``: the model's or family's default (the paper's 10).
+        combine: how Psi_cls and Psi_comp make the mask; ``None``: the model's or family's default.
         cache_size: how many images' features to keep (keyed by image content).
-        model, tokenizer: an already-built open_clip model and its tokenizer, to share one model.
+        pool_mlp: how an attention pool's MLP is handed to the tokens, ``"first_order"`` (default) or
+            ``"residual"`` (see ``api_tool.backends.psi.split_branch``); CLS towers ignore it.
+        model, tokenizer: an already-built model and its tokenizer (open_clip) or processor
+            (transformers), to share one model; ``ClipAttributor.from_model`` is the short form.
 
     Example:
         >>> attributor = ClipAttributor("ViT-B-32", pretrained=None, device="cpu")  # doctest: +SKIP
@@ -239,23 +170,27 @@ class ClipAttributor:
         kernel_size: int = 3,
         combine: Combine | None = None,
         cache_size: int = 32,
+        pool_mlp: PoolMlp = DEFAULT_POOL_MLP,
         *,
         model: torch.nn.Module | None = None,
-        tokenizer: Tokenizer | None = None,
+        tokenizer: Tokenizer | Any | None = None,
     ) -> None:
         self.device = resolve_device(device)
         if model is None:
             model, tokenizer, pretrained = load_clip(model_name, pretrained)
         elif tokenizer is None:
-            raise UnsupportedModelError("pass the tokenizer together with an already-built model")
+            raise UnsupportedModelError("pass the tokenizer (open_clip) or processor (transformers) with the model")
         assert tokenizer is not None
+        if pool_mlp not in POOL_MLP_MODES:
+            raise InvalidParameterError(f"pool_mlp must be one of {', '.join(POOL_MLP_MODES)}, got {pool_mlp!r}")
         self.model_name = model_name
         self.pretrained = pretrained
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.visual = _checked_visual(self.model, model_name)
-        self.blocks = self.visual.transformer.resblocks
-        recommended = recommended_settings(model)
+        self.tower: VisionTower = tower_for(self.model, tokenizer, model_name)
+        self.visual = self.tower.module
+        self.blocks = self.tower.blocks
+        recommended = recommended_settings(self.model, self.tower)
         self.layer = resolve_layer(
             layer if layer is not None else recommended["layer"], len(self.blocks), "vision transformer"
         )
@@ -263,15 +198,27 @@ class ClipAttributor:
         self.kernel_size = kernel_size
         self.combine: Combine = combine if combine is not None else recommended["combine"]
         combine_maps(np.zeros((2, 2)), np.zeros((2, 2)), combine=self.combine, kernel_size=kernel_size)
-        self.side = _input_side(self.visual)
-        preprocess_cfg = getattr(self.visual, "preprocess_cfg", None) or {}
-        self.mean = tuple(float(v) for v in preprocess_cfg.get("mean", OPENAI_MEAN))
-        self.std = tuple(float(v) for v in preprocess_cfg.get("std", OPENAI_STD))
-        self.fill = tuple(round(255 * m) for m in self.mean)
+        self.pool_mlp: PoolMlp = pool_mlp
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ClipImageFeatures] = OrderedDict()
         self._lock = threading.Lock()
         self._forward_lock = model_lock(self.model)
+
+    @classmethod
+    def from_model(
+        cls, model: torch.nn.Module, processor: Tokenizer | Any, *, model_name: str | None = None, **options: Any
+    ) -> ClipAttributor:
+        """An attributor over an already-loaded model: a transformers ``CLIPModel`` / ``SiglipModel`` /
+        ``Siglip2Model`` with its processor, or an open_clip model with its tokenizer.
+
+        Example:
+            >>> from transformers import AutoModel, AutoProcessor
+            >>> model = AutoModel.from_pretrained("google/siglip2-base-patch16-naflex")  # doctest: +SKIP
+            >>> processor = AutoProcessor.from_pretrained("google/siglip2-base-patch16-naflex")  # doctest: +SKIP
+            >>> attributor = ClipAttributor.from_model(model, processor)  # doctest: +SKIP
+        """
+        name = model_name if model_name is not None else type(model).__name__
+        return cls(name, pretrained=options.pop("pretrained", None), model=model, tokenizer=processor, **options)
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -322,19 +269,24 @@ class ClipAttributor:
     def encode_queries(self, queries: Sequence[str]) -> torch.Tensor:
         """Normalised text embeddings ``(Q, E)`` (float32) of the raw queries (no prompt template)."""
         cleaned = [check_query(query) for query in queries]
-        tokens = self.tokenizer(cleaned).to(self.device)
-        return F.normalize(encode_text_trimmed(self.model, tokens).float(), dim=-1)
+        if is_hf_model(self.model):
+            embeddings = hf_text_embeddings(self.model, self.tokenizer, cleaned, self.device)
+        else:
+            embeddings = encode_text_trimmed(self.model, self.tokenizer(cleaned).to(self.device))
+        return F.normalize(embeddings.float(), dim=-1)
+
+    @property
+    def side(self) -> int:
+        """The side of the square model input (letterboxing towers)."""
+        return self._letterbox_input().side
 
     def letterbox(self, image: Image.Image) -> tuple[np.ndarray, Letterbox]:
         """The image letterboxed to the model's square input, ``(S, S, 3)`` uint8, and the geometry."""
-        letterbox = Letterbox.fit(image.size, self.side)
-        return np.asarray(letterbox.apply(image, self.fill), dtype=np.uint8), letterbox
+        return self._letterbox_input().letterbox(image)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, S, S, 3)`` uint8 pixels (on any device) to the model's normalised ``(B, 3, S, S)`` input."""
-        mean = torch.tensor(self.mean, device=pixels.device)
-        std = torch.tensor(self.std, device=pixels.device)
-        return ((pixels.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)
+        return self._letterbox_input().normalize(pixels)
 
     def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, Letterbox]:
         """Letterbox and normalise one image: ``(3, S, S)`` float tensor and the geometry."""
@@ -343,67 +295,46 @@ class ClipAttributor:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _letterbox_input(self) -> LetterboxInput:
+        if self.tower.input is None:
+            raise UnsupportedModelError(
+                f"{self.model_name}: the {self.tower.family} tower has its own geometry, not a letterboxed square "
+                "input; use attributor.tower.prepare(image)"
+            )
+        return self.tower.input
+
     @torch.inference_mode()
     def _run_images(self, images: Sequence[Image.Image]) -> list[ClipImageFeatures]:
-        prepared = [self.letterbox(image) for image in images]
-        batch = torch.from_numpy(np.stack([pixels for pixels, _ in prepared])).to(self.device)
-        pixels = self.normalize(batch).to(self.visual.conv1.weight.dtype)
-        block = self.blocks[self.layer]
-        with self._forward_lock, _capture(self.visual, block) as captured:
-            embedding = self.model.encode_image(pixels, normalize=False)
-        assert captured.block_input is not None and captured.block_output is not None
-        assert captured.final_cls is not None
-        cls_tokens, comp_tokens = self._project(
-            block, captured.block_input, captured.block_output, captured.final_cls, embedding
-        )
-        rows, cols = self.visual.grid_size
+        prepared = [self.tower.prepare(image) for image in images]
+        groups: dict[tuple[int, int], list[int]] = {}  # one batch per grid (towers with a grid per image)
+        for index, item in enumerate(prepared):
+            groups.setdefault(item.grid, []).append(index)
+        features: dict[int, ClipImageFeatures] = {}
+        for grid, indices in groups.items():
+            found = self._run_group(grid, [prepared[i] for i in indices], [images[i].size for i in indices])
+            features.update(zip(indices, found))
+        return [features[index] for index in range(len(images))]
+
+    def _run_group(
+        self, grid: tuple[int, int], prepared: Sequence[PreparedImage], sizes: Sequence[tuple[int, int]]
+    ) -> list[ClipImageFeatures]:
+        inputs = {name: tensor.to(self.device) for name, tensor in self.tower.batch(prepared).items()}
+        with self._forward_lock:
+            parts = self.tower.decompose(inputs, self.layer, self.pool_mlp)
+        norm = parts.embedding.float().norm(dim=-1)[:, None, None]
+        prefix = self.tower.prefix_tokens
+        cls_tokens = parts.terms[:, prefix:].float() / norm
+        comp_tokens = parts.comp[:, prefix:].float() / norm
         return [
             ClipImageFeatures(
-                cls_tokens=cls_tokens[i, 1:],
-                comp_tokens=comp_tokens[i, 1:],
-                grid=(rows, cols),
-                image_size=image.size,
-                grid_box=letterbox.grid_box((rows, cols)),
+                cls_tokens=cls_tokens[i],
+                comp_tokens=comp_tokens[i],
+                grid=grid,
+                image_size=size,
+                grid_box=item.grid_box,
             )
-            for i, (image, (_, letterbox)) in enumerate(zip(images, prepared))
+            for i, (size, item) in enumerate(zip(sizes, prepared))
         ]
-
-    def _project(
-        self,
-        block: torch.nn.Module,
-        block_input: torch.Tensor,
-        block_output: torch.Tensor,
-        final_cls: torch.Tensor,
-        embedding: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = block.attn
-        x_ln = block.ln_1(block_input).float()
-        contributions = cls_contributions(
-            x_ln,
-            attn.in_proj_weight.float(),
-            attn.in_proj_bias.float(),
-            attn.out_proj.weight.float(),
-            attn.out_proj.bias.float(),
-            attn.num_heads,
-        )
-        contributions = block.ls_1(contributions.to(block_input.dtype)).float()
-        final = final_cls.float()
-        mean = final.mean(dim=-1)[:, None, None]
-        ln_post = self.visual.ln_post
-        std = torch.sqrt(final.var(dim=-1, unbiased=False) + ln_post.eps)[:, None, None]
-        num_blocks = len(self.blocks)
-        tokens = block_input.shape[1]
-        common = {
-            "mean": mean,
-            "std": std,
-            "ln_weight": ln_post.weight.float(),
-            "ln_bias": ln_post.bias.float(),
-            "proj": self.visual.proj.float(),
-            "embedding_norm": embedding.float().norm(dim=-1),
-        }
-        cls_tokens = project_tokens(contributions, share=(2 * num_blocks - 1) * tokens, **common)
-        comp_tokens = project_tokens(block_output.float(), share=2 * num_blocks - 1, **common)
-        return cls_tokens, comp_tokens
 
     def _map(self, features: ClipImageFeatures, text: torch.Tensor, query: str) -> AttributionMap:
         rows, cols = features.grid
@@ -412,6 +343,18 @@ class ClipAttributor:
         mask = combine_maps(
             cls_map, comp_map, combine=self.combine, enhance_coe=self.enhance_coe, kernel_size=self.kernel_size
         )
+        metadata: dict[str, object] = {
+            "backend": self.name,
+            "model": self.model_name,
+            "pretrained": self.pretrained,
+            "tower": self.tower.family,
+            "layer": self.layer,
+            "combine": self.combine,
+            "enhance_coe": self.enhance_coe,
+            "kernel_size": self.kernel_size,
+        }
+        if isinstance(self.tower.pooling, ProbePooling):
+            metadata["pool_mlp"] = self.pool_mlp
         return AttributionMap(
             raw=cls_map,
             comp=comp_map,
@@ -419,15 +362,7 @@ class ClipAttributor:
             image_size=features.image_size,
             grid_box=features.grid_box,
             query=query,
-            metadata={
-                "backend": self.name,
-                "model": self.model_name,
-                "pretrained": self.pretrained,
-                "layer": self.layer,
-                "combine": self.combine,
-                "enhance_coe": self.enhance_coe,
-                "kernel_size": self.kernel_size,
-            },
+            metadata=metadata,
         )
 
 
@@ -443,39 +378,58 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-PAPER_SETTINGS: dict[str, Any] = {"layer": -2, "combine": "paper", "enhance_coe": 10.0}
 ATTRIBUTION_DEFAULTS_ATTRIBUTE = "api_attribution_defaults"
 """A model may carry its own measured best settings in this attribute (a dict with any of ``layer``,
 ``combine``, ``enhance_coe``); ``load_demo_clip`` sets it, as the demo LLaVA's config carries
 ``api_attribution_layer``."""
 
 
-def recommended_settings(model: torch.nn.Module) -> dict[str, Any]:
-    """Default ``layer``, ``combine`` and ``enhance_coe``: the model's own where it carries them, else the
-    paper's."""
-    return {**PAPER_SETTINGS, **getattr(model, ATTRIBUTION_DEFAULTS_ATTRIBUTE, {})}
+def recommended_settings(model: torch.nn.Module, tower: VisionTower) -> dict[str, Any]:
+    """Default ``layer``, ``combine`` and ``enhance_coe``: the model's own where it carries them, else its
+    tower family's (``api_tool.families``; the paper's for every CLIP-side family so far)."""
+    from api_tool.families import family
+
+    defaults = family(tower.family).defaults
+    table = {"layer": defaults.layer, "combine": defaults.combine, "enhance_coe": defaults.enhance_coe}
+    return {**table, **getattr(model, ATTRIBUTION_DEFAULTS_ATTRIBUTE, {})}
 
 
-def load_clip(model_name: str, pretrained: str | None) -> tuple[torch.nn.Module, Tokenizer, str | None]:
-    """Build an open_clip model with its tokenizer; weights from a tag, a local path, or none.
+def load_clip(model_name: str, pretrained: str | None) -> tuple[torch.nn.Module, Any, str | None]:
+    """Build a dual encoder with its tokenizer (open_clip) or processor (``hf:``); open_clip weights from a
+    tag, a local path, or none.
 
-    Offline, a tag whose weights are not cached fails within seconds with ``WeightsUnavailableError``.
+    The architecture is checked before any weights load (``UnsupportedModelError`` naming the towers that
+    work); offline, a tag whose weights or tokenizer are not cached fails within seconds with
+    ``WeightsUnavailableError``.
+
+    Example:
+        >>> model, tokenizer, _ = load_clip("ViT-B-16-SigLIP2", "/models/siglip2.pt")  # doctest: +SKIP
+        >>> model, processor, _ = load_clip("hf:google/siglip2-base-patch16-naflex", None)  # doctest: +SKIP
     """
     if model_name == "demo":
         from api_tool.demo.clip_model import load_demo_clip
 
         model, tokenizer = load_demo_clip()
         return model, tokenizer, "demo"
+    if model_name.startswith(HF_PREFIX):
+        model, processor = load_hf_dual_encoder(model_name[len(HF_PREFIX) :])
+        return model, processor, None
     import open_clip
 
-    if Path(model_name).expanduser().is_dir():
-        model_name = LOCAL_DIR_PREFIX + str(Path(model_name).expanduser())
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file() and not (path / "open_clip_config.json").is_file():
+            model, processor = load_hf_dual_encoder(str(path))
+            return model, processor, None
+        model_name = LOCAL_DIR_PREFIX + str(path)
     if model_name.startswith(LOCAL_DIR_PREFIX):
         directory = Path(model_name[len(LOCAL_DIR_PREFIX) :]).expanduser()
-        if not (directory / "open_clip_config.json").is_file():
+        config_path = directory / "open_clip_config.json"
+        if not config_path.is_file():
             raise UnknownModelError(
                 f"{str(directory)!r} is not an open_clip model directory (no open_clip_config.json)"
             )
+        check_open_clip_config(model_name, json.loads(config_path.read_text()).get("model_cfg", {}))
         return open_clip.create_model(model_name), open_clip.get_tokenizer(model_name), None
     if model_name not in open_clip.list_models():
         import difflib
@@ -483,9 +437,62 @@ def load_clip(model_name: str, pretrained: str | None) -> tuple[torch.nn.Module,
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see open_clip.list_models()"
         raise UnknownModelError(f"unknown CLIP model {model_name!r}{hint} (or 'demo' for the offline model)")
+    from open_clip.factory import get_model_config
+
+    check_open_clip_config(model_name, get_model_config(model_name) or {})
     checkpoint = _resolve_pretrained(model_name, pretrained)
-    model = open_clip.create_model(model_name, pretrained=checkpoint)
-    return model, open_clip.get_tokenizer(model_name), pretrained
+    tokenizer = _open_clip_tokenizer(model_name)
+    force = _published_preprocess(model_name) if checkpoint is not None and Path(checkpoint).is_file() else None
+    model = open_clip.create_model(model_name, pretrained=checkpoint, force_preprocess_cfg=force)
+    return model, tokenizer, pretrained
+
+
+def _open_clip_tokenizer(model_name: str) -> Tokenizer:
+    """open_clip's tokenizer for a model; one kept on the hub (SigLIP's) is read from the local cache, or
+    ``WeightsUnavailableError`` when it is not there and the hub cannot be reached."""
+    import open_clip
+    from open_clip.factory import get_model_config
+
+    source = (get_model_config(model_name) or {}).get("text_cfg", {}).get("hf_tokenizer_name", "")
+    if not source or Path(source).expanduser().is_dir():
+        return open_clip.get_tokenizer(model_name)  # type: ignore[no-any-return]
+    from huggingface_hub import try_to_load_from_cache
+
+    fix = (
+        f"On a connected machine run `hf download {source}` and copy ~/.cache/huggingface/hub to this machine; "
+        "model_name='demo' works offline"
+    )
+    if isinstance(try_to_load_from_cache(source, "tokenizer_config.json"), str):
+        try:
+            return open_clip.get_tokenizer(model_name, local_files_only=True)  # type: ignore[no-any-return]
+        except OSError as exc:
+            raise WeightsUnavailableError(
+                f"the tokenizer of {model_name} ({source!r}) is only partly in the local Hugging Face cache ({exc}). "
+                + fix
+            ) from exc
+    if _hub_offline() or not _hub_reachable():
+        raise WeightsUnavailableError(
+            f"the tokenizer of {model_name} ({source!r} on {HUB_HOST}) is not in the local Hugging Face cache and "
+            f"the hub cannot be reached. {fix}"
+        )
+    return open_clip.get_tokenizer(model_name)  # type: ignore[no-any-return]
+
+
+def _published_preprocess(model_name: str) -> dict[str, Any] | None:
+    """The mean and std every published checkpoint of ``model_name`` agrees on (SigLIP's 0.5), for a
+    checkpoint file that open_clip cannot match to a tag; ``None`` when they disagree or there are none."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    found = set()
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        cfg = get_pretrained_cfg(model_name, tag)
+        if "mean" in cfg and "std" in cfg:
+            found.add((tuple(cfg["mean"]), tuple(cfg["std"])))
+    if len(found) != 1:
+        return None
+    mean, std = found.pop()
+    return {"mean": mean, "std": std}
 
 
 def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
@@ -537,6 +544,12 @@ def _cached_checkpoint(cfg: dict[str, str]) -> str | None:
     return None
 
 
+def _hub_offline() -> bool:
+    """Whether Hugging Face's offline mode is on."""
+    flag = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
+    return flag.lower() in ("1", "true", "yes", "on")
+
+
 def _hub_reachable() -> bool:
     result: list[bool] = []
 
@@ -551,33 +564,3 @@ def _hub_reachable() -> bool:
     thread.start()
     thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
     return bool(result and result[0])
-
-
-def _checked_visual(model: torch.nn.Module, model_name: str) -> torch.nn.Module:
-    from open_clip.transformer import VisionTransformer
-
-    visual = getattr(model, "visual", None)
-    if not isinstance(visual, VisionTransformer):
-        raise UnsupportedModelError(
-            f"{model_name}: API-CLIP needs an open_clip VisionTransformer image tower, "
-            f"got {type(visual).__name__} (ResNet and timm towers are not supported)"
-        )
-    if visual.attn_pool is not None or getattr(visual, "pool_type", "tok") != "tok" or visual.proj is None:
-        raise UnsupportedModelError(
-            f"{model_name}: API-CLIP decomposes the CLS token; this tower pools with "
-            f"{'attention' if visual.attn_pool is not None else getattr(visual, 'pool_type', '?')} "
-            "or has no projection"
-        )
-    if not hasattr(visual.transformer.resblocks[0], "ln_1") or not isinstance(
-        visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention
-    ):
-        raise UnsupportedModelError(f"{model_name}: custom attention blocks are not supported")
-    return visual
-
-
-def _input_side(visual: torch.nn.Module) -> int:
-    size = visual.image_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    if height != width:
-        raise UnsupportedModelError(f"non-square model inputs ({height}x{width}) are not supported")
-    return int(height)
