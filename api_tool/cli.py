@@ -98,11 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="demo",
-        help="'demo' (offline, default), an open_clip name (ViT-L-14-336, ViT-B-32), local-dir:PATH or, with "
+        help="'demo' (offline, default), an open_clip name (ViT-L-14-336, ViT-B-16-SigLIP2), local-dir:PATH, "
+        "hf:ID_OR_DIR (a transformers CLIP / SigLIP / SigLIP2) or, with "
         "--backend lvlm / llava, a transformers id or local directory ('demo': the demo LLaVA)",
     )
     parser.add_argument(
-        "--pretrained", default=None, help="open_clip pretrained tag or checkpoint path (default: openai)"
+        "--pretrained",
+        default=None,
+        help="open_clip pretrained tag or checkpoint path (default: openai, else the model's first published tag)",
     )
     parser.add_argument("--layer", type=int, default=None, help="block index; negative counts from the end")
     parser.add_argument("--style", choices=STYLES, default="gray")
@@ -148,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     if args.backend != "clip" and (args.combine is not None or args.pretrained is not None):
         parser.error("--combine and --pretrained apply to the clip backend only")
-    if args.pretrained is not None and (args.model == "demo" or args.model.startswith("local-dir:")):
-        parser.error("--pretrained applies to open_clip model names, not to 'demo' or local-dir: models")
+    if args.pretrained is not None and (args.model == "demo" or args.model.startswith(("local-dir:", "hf:"))):
+        parser.error("--pretrained applies to open_clip model names, not to 'demo', local-dir: or hf: models")
     if args.questions is None:
         if len(args.inputs) < 2:
             parser.error("give at least one IMAGE and then the QUESTION (or the questions with -q)")
@@ -320,9 +323,9 @@ def _spec_and_options(args: argparse.Namespace) -> tuple[str, dict[str, object]]
         return f"{args.backend}:{args.model}", options
     if args.combine is not None:
         options["combine"] = args.combine
-    if args.model == "demo" or args.model.startswith("local-dir:"):
+    if args.model == "demo" or args.model.startswith(("local-dir:", "hf:")):
         return args.model, options
-    return f"clip:{args.model}@{args.pretrained or 'openai'}", options
+    return f"clip:{args.model}" + (f"@{args.pretrained}" if args.pretrained else ""), options
 
 
 def _write(result: PromptedImage, output: Path) -> float:

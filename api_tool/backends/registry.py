@@ -3,9 +3,12 @@
 Specs:
 
 * ``None`` or ``"demo"``: the small CLIP shipped with the package (offline);
-* ``"clip:<open_clip name>[@<pretrained tag or checkpoint path>]"``, e.g. ``"clip:ViT-L-14-336@openai"``;
-  a bare open_clip name (``"ViT-B-32"``) means the same with ``@openai``;
+* ``"clip:<open_clip name>[@<pretrained tag or checkpoint path>]"``, e.g. ``"clip:ViT-L-14-336@openai"``,
+  ``"clip:ViT-B-16-SigLIP2@/models/siglip2.pt"``; without a tag, ``openai`` where the model has it, else
+  its first published tag (``webli`` for SigLIP); a bare open_clip name (``"ViT-B-32"``) means the same;
 * ``"local-dir:<path>"``: a local open_clip model directory (``open_clip_config.json`` + weights);
+* ``"hf:<hub id | local dir>"``: a transformers ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` with its
+  processor (``save_pretrained`` directory), e.g. ``"hf:google/siglip2-base-patch16-naflex"``;
 * ``"llava:<hub id | local dir | demo>"``, e.g. ``"llava:llava-hf/llava-1.5-7b-hf"`` (LLaVA-1.5 only);
 * ``"lvlm:<hub id | local dir | demo>"``: any LVLM family in ``api_tool.families``, detected from the
   config's ``model_type`` (Qwen2-VL, LLaVA-OneVision, Gemma 3, ...).
@@ -56,8 +59,8 @@ class AttributorSpec:
             model, _, pretrained = rest.partition("@")
             if model == "demo":
                 return cls("clip", "demo")
-            return cls("clip", model, pretrained or DEFAULT_CLIP_PRETRAINED)
-        if text.startswith("local-dir:"):
+            return cls("clip", model, pretrained or default_pretrained(model))
+        if text.startswith(("local-dir:", "hf:")):
             return cls("clip", text)
         if "llava" in text.lower():
             return cls("llava", text)
@@ -65,11 +68,21 @@ class AttributorSpec:
         import open_clip
 
         if model in open_clip.list_models():
-            return cls("clip", model, pretrained or DEFAULT_CLIP_PRETRAINED)
+            return cls("clip", model, pretrained or default_pretrained(model))
         raise UnknownModelError(
-            f"unknown attributor {text!r}; use 'demo', 'clip:<open_clip model>[@<pretrained>]', "
-            "'llava:<hub id or local dir>' or 'lvlm:<hub id or local dir>' (any family of 'api-prompt models')"
+            f"unknown attributor {text!r}; use 'demo', 'clip:<open_clip model>[@<pretrained>]', 'hf:<hub id or local "
+            "dir>' (CLIP / SigLIP / SigLIP2), 'llava:<hub id or local dir>' or 'lvlm:<hub id or local dir>' (any "
+            "family of 'api-prompt models')"
         )
+
+
+def default_pretrained(model: str) -> str:
+    """The weights a bare open_clip name means: ``openai`` where the model has that tag, else its first
+    published tag, else ``openai`` (which then fails with the list of known tags)."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    return DEFAULT_CLIP_PRETRAINED if DEFAULT_CLIP_PRETRAINED in tags or not tags else tags[0]
 
 
 MODEL_OPTIONS = ("device", "dtype")
@@ -193,12 +206,7 @@ def _bind(
         return attributor_class.from_model(model, companion, model_name=spec.model, **settings)  # type: ignore[arg-type]
     from api_tool.backends.clip import ClipAttributor
 
-    tokenizer, pretrained = companion
-    return ClipAttributor(
-        spec.model,
-        pretrained=pretrained,
-        device=device,
-        model=model,
-        tokenizer=tokenizer,
-        **settings,  # type: ignore[arg-type]
+    tokenizer, pretrained = companion  # an open_clip tokenizer or a transformers processor
+    return ClipAttributor.from_model(
+        model, tokenizer, model_name=spec.model, pretrained=pretrained, device=device, **settings
     )
