@@ -93,11 +93,21 @@ def attend_to_bright_patches(model: LlavaForConditionalGeneration, layer: int = 
     language_model.embed_tokens.weight[:, 1] = 10.0
     block = language_model.layers[layer]
     block.input_layernorm.weight.fill_(1.0)
-    attention = block.self_attn
-    head_dim = attention.head_dim
+    reward_feature_zero(block.self_attn)
+
+
+@torch.no_grad()
+def reward_feature_zero(attention: torch.nn.Module) -> None:
+    """Make one attention block score a key by its hidden feature 0, for every query whose feature 1 is a
+    large constant: keys read feature 0 and queries feature 1, both on the slowest-rotating rotary pair of
+    every head, so positions barely rotate them. The family-specific plantings route image brightness into
+    feature 0 and set feature 1 in every token embedding."""
+    head_dim = int(attention.head_dim)
     slow_pair = head_dim // 2 - 1
-    attention.k_proj.weight.zero_()
-    attention.q_proj.weight.zero_()
+    for linear in (attention.q_proj, attention.k_proj):
+        linear.weight.zero_()
+        if linear.bias is not None:
+            linear.bias.zero_()
     for kv_head in range(attention.k_proj.weight.shape[0] // head_dim):
         attention.k_proj.weight[kv_head * head_dim + slow_pair, 0] = 1.0
     for head in range(attention.q_proj.weight.shape[0] // head_dim):

@@ -27,7 +27,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForImageTextToText,
@@ -43,6 +42,7 @@ from transformers import (
 
 from api_tool.demo.tiny_llava import vocabulary
 from tests.tiny_lvlms import suppress_special_tokens
+from tests.tiny_models import reward_feature_zero
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -269,22 +269,6 @@ def attend_to_bright_tokens(model: Gemma3ForConditionalGeneration, layer: int = 
     block = language_model.layers[layer]
     block.input_layernorm.weight.zero_()
     attention = block.self_attn
-    head_dim = attention.head_dim
-    slow = head_dim // 2 - 1
     attention.q_norm.weight.fill_(1.0)
     attention.k_norm.weight.fill_(1.0)
-    attention.k_proj.weight.zero_()
-    attention.q_proj.weight.zero_()
-    for kv_head in range(attention.k_proj.weight.shape[0] // head_dim):
-        attention.k_proj.weight[kv_head * head_dim + slow, 0] = 1.0
-    for head in range(attention.q_proj.weight.shape[0] // head_dim):
-        attention.q_proj.weight[head * head_dim + slow, 1] = 1.0
-
-
-def bright_square_image(
-    size: tuple[int, int], square: tuple[int, int, int, int], background: tuple[int, int, int] = (0, 0, 0)
-) -> Image.Image:
-    """An RGB image of ``size = (width, height)``, dark, with a white ``square = (x0, y0, x1, y1)`` (exclusive)."""
-    image = Image.new("RGB", size, background)
-    ImageDraw.Draw(image).rectangle((square[0], square[1], square[2] - 1, square[3] - 1), fill=(255, 255, 255))
-    return image
+    reward_feature_zero(attention)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     AutoModelForImageTextToText,
@@ -41,6 +40,7 @@ from transformers import (
 
 from api_tool.demo.tiny_llava import vocabulary
 from tests.tiny_lvlms import suppress_special_tokens
+from tests.tiny_models import reward_feature_zero
 
 ROW_COL_TOKENS: tuple[str, ...] = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
 FAMILY_TOKENS = {
@@ -287,20 +287,4 @@ def attend_to_bright_patches(model: Any) -> None:
     block = language_model.layers[0]
     block.input_layernorm.weight.fill_(1.0)
     attention = block.self_attn
-    head_dim = attention.head_dim
-    slow_pair = head_dim // 2 - 1
-    attention.k_proj.weight.zero_()
-    attention.q_proj.weight.zero_()
-    for kv_head in range(attention.k_proj.weight.shape[0] // head_dim):
-        attention.k_proj.weight[kv_head * head_dim + slow_pair, 0] = 1.0
-    for head in range(attention.q_proj.weight.shape[0] // head_dim):
-        attention.q_proj.weight[head * head_dim + slow_pair, 1] = 1.0
-
-
-def bright_square_image(
-    size: tuple[int, int], square: tuple[int, int, int, int], background: tuple[int, int, int] = (0, 0, 0)
-) -> Image.Image:
-    """An RGB image of ``size = (width, height)``, dark, with a white ``square = (x0, y0, x1, y1)``."""
-    image = Image.new("RGB", size, background)
-    ImageDraw.Draw(image).rectangle((square[0], square[1], square[2] - 1, square[3] - 1), fill=(255, 255, 255))
-    return image
+    reward_feature_zero(attention)

@@ -29,6 +29,7 @@ from transformers import (
 
 from api_tool.demo.tiny_llava import vocabulary
 from tests.tiny_lvlms import suppress_special_tokens
+from tests.tiny_models import reward_feature_zero
 
 TILE_SIZE = 32
 PATCH_SIZE = 4
@@ -221,16 +222,7 @@ def attend_to_bright_tokens(model: InternVLForConditionalGeneration) -> None:
     language_model.embed_tokens.weight[:, 1] = 10.0
     block = language_model.layers[0]
     block.input_layernorm.weight.fill_(1.0)
-    attention = block.self_attn
-    head_dim = attention.head_dim
-    slow_pair = head_dim // 2 - 1
-    for linear in (attention.q_proj, attention.k_proj):
-        linear.weight.zero_()
-        linear.bias.zero_()
-    for kv_head in range(attention.k_proj.weight.shape[0] // head_dim):
-        attention.k_proj.weight[kv_head * head_dim + slow_pair, 0] = 1.0
-    for head in range(attention.q_proj.weight.shape[0] // head_dim):
-        attention.q_proj.weight[head * head_dim + slow_pair, 1] = 1.0
+    reward_feature_zero(block.self_attn)
 
 
 def bright_rectangle_image(

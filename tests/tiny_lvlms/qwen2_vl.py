@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     PreTrainedTokenizerFast,
@@ -42,6 +41,7 @@ from transformers import (
 
 from api_tool.demo.tiny_llava import vocabulary
 from tests.tiny_lvlms import suppress_special_tokens
+from tests.tiny_models import reward_feature_zero
 
 Variant = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 VARIANTS: tuple[Variant, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
@@ -254,15 +254,6 @@ def save_tiny_qwen(model: torch.nn.Module, processor: Any, directory: Path) -> P
     return directory
 
 
-def bright_square_image(
-    size: tuple[int, int], square: tuple[int, int, int, int], background: tuple[int, int, int] = (0, 0, 0)
-) -> Image.Image:
-    """An RGB image of ``size = (width, height)``, dark, with a white ``square = (x0, y0, x1, y1)``."""
-    image = Image.new("RGB", size, background)
-    ImageDraw.Draw(image).rectangle((square[0], square[1], square[2] - 1, square[3] - 1), fill=(255, 255, 255))
-    return image
-
-
 @torch.no_grad()
 def attend_to_bright_tokens(model: torch.nn.Module, layer: int = 0) -> None:
     """Rewire ``model`` in place so that, at decoder block ``layer`` (must be 0), every text query attends
@@ -310,19 +301,10 @@ def attend_to_bright_tokens(model: torch.nn.Module, layer: int = 0) -> None:
     block = language_model.layers[layer]
     block.input_layernorm.weight.fill_(1.0)
     attention = block.self_attn
-    head_dim = int(attention.head_dim)
-    slow_pair = head_dim // 2 - 1
-    for linear in (attention.q_proj, attention.k_proj):
-        linear.weight.zero_()
-        if linear.bias is not None:
-            linear.bias.zero_()
+    reward_feature_zero(attention)
     for norm in (getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)):
         if norm is not None:
             norm.weight.fill_(2.0)
-    for kv_head in range(attention.k_proj.weight.shape[0] // head_dim):
-        attention.k_proj.weight[kv_head * head_dim + slow_pair, 0] = 1.0
-    for head in range(attention.q_proj.weight.shape[0] // head_dim):
-        attention.q_proj.weight[head * head_dim + slow_pair, 1] = 1.0
 
 
 def _plant_merger(merger: torch.nn.Module, constant: float = 1.0) -> None:

@@ -28,11 +28,11 @@ from tests.tiny_lvlms.gemma3 import (
     EOI,
     IMAGE_SOFT,
     attend_to_bright_tokens,
-    bright_square_image,
     build_tiny_gemma3,
     load_tiny_gemma3,
     save_tiny_gemma3,
 )
+from tests.tiny_models import bright_square_image
 from tests.tolerances import assert_sums_close, sum_tolerance
 
 QUESTION = "What is the colour of the circle?"

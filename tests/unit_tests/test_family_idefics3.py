@@ -22,10 +22,10 @@ from api_tool.backends.lvlm_families.idefics3 import (
 from api_tool.errors import UnsupportedModelError
 from tests.tiny_lvlms.idefics3 import (
     attend_to_bright_patches,
-    bright_square_image,
     build_tiny_idefics3,
     save_and_load,
 )
+from tests.tiny_models import bright_square_image
 from tests.tolerances import assert_sums_close
 
 FAMILIES = ["idefics3", "smolvlm"]

@@ -33,10 +33,10 @@ from tests.tiny_lvlms.qwen2_vl import (
     FACTOR,
     VARIANTS,
     attend_to_bright_tokens,
-    bright_square_image,
     build_tiny_qwen2_vl,
     save_tiny_qwen,
 )
+from tests.tiny_models import bright_square_image
 from tests.tolerances import assert_sums_close
 
 FORWARD_TERMS = 2048
