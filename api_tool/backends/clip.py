@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from api_tool.backends.base import check_query, model_lock, resolve_device, resolve_layer
+from api_tool.backends.hub import HUB_HOST, hub_offline, hub_reachable
 from api_tool.backends.psi import POOL_MLP_MODES, PoolMlp, cls_contributions, linearized_layer_norm
 from api_tool.backends.towers import check_open_clip_config, tower_for
 from api_tool.backends.towers.base import LetterboxInput, PreparedImage, ProbePooling, VisionTower
@@ -73,9 +73,7 @@ __all__ = [
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
-HUB_HOST = "huggingface.co"
 LOCAL_DIR_PREFIX = "local-dir:"
-HUB_PROBE_TIMEOUT_S = 3.0
 DEFAULT_POOL_MLP: PoolMlp = "first_order"
 """How an attention pool's MLP is handed to the tokens by default. Measured on random-weight SigLIP towers
 (``benchmarks/pool_mlp_treatment.py``, results in ``benchmarks/results/pool_mlp_treatment_*.json``): the
@@ -470,7 +468,7 @@ def _open_clip_tokenizer(model_name: str) -> Tokenizer:
                 f"the tokenizer of {model_name} ({source!r}) is only partly in the local Hugging Face cache ({exc}). "
                 + fix
             ) from exc
-    if _hub_offline() or not _hub_reachable():
+    if hub_offline() or not hub_reachable():
         raise WeightsUnavailableError(
             f"the tokenizer of {model_name} ({source!r} on {HUB_HOST}) is not in the local Hugging Face cache and "
             f"the hub cannot be reached. {fix}"
@@ -513,7 +511,7 @@ def _resolve_pretrained(model_name: str, pretrained: str | None) -> str | None:
     cached = _cached_checkpoint(cfg)
     if cached is not None:
         return cached
-    if not _hub_reachable():
+    if not hub_reachable():
         raise WeightsUnavailableError(
             f"the {model_name}/{pretrained} weights are not in the local cache and {HUB_HOST} cannot be "
             f'reached. On a machine with internet run: python -c "import open_clip; '
@@ -542,25 +540,3 @@ def _cached_checkpoint(cfg: dict[str, str]) -> str | None:
         if local.is_file():
             return str(local)
     return None
-
-
-def _hub_offline() -> bool:
-    """Whether Hugging Face's offline mode is on."""
-    flag = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
-    return flag.lower() in ("1", "true", "yes", "on")
-
-
-def _hub_reachable() -> bool:
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((HUB_HOST, 443), timeout=HUB_PROBE_TIMEOUT_S):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(HUB_PROBE_TIMEOUT_S + 0.5)
-    return bool(result and result[0])

@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from api_tool.backends.base import check_query, model_lock, resolve_device, resolve_layer
+from api_tool.backends.hub import resolve_source, weights_hint
 from api_tool.backends.image_feature_cache import share_image_features
 from api_tool.backends.lvlm_families.base import LvlmFamilyAdapter, PreparedPrompt, Tile
 from api_tool.errors import (
@@ -77,7 +77,6 @@ PAPER_LAYER = 20
 DEMO_MODEL = "demo"
 LLAVA_15_PROMPT = "USER: {image}\n{query} ASSISTANT:"
 """The LLaVA-1.5 prompt, used when the processor has no chat template."""
-HUB_PROBE_TIMEOUT_S = 5.0
 MAX_STITCHED_CELLS = 1 << 16
 """Upper bound on the cells of the grid that several tiles are stitched onto."""
 
@@ -90,7 +89,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,7 +681,7 @@ def load_lvlm(
     """
     from api_tool.families import lvlm_family_of
 
-    source, local_only = _resolve_source(model)
+    source, local_only = model_source(model)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
         lvlm_family_of(config, allowed=families)
@@ -697,88 +695,25 @@ def load_lvlm(
         processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
     except OSError as exc:
         if not Path(source).is_dir():
-            raise WeightsUnavailableError(_weights_hint(str(model), f"the local cache is incomplete ({exc})")) from exc
+            raise WeightsUnavailableError(weights_hint(str(model), f"the local cache is incomplete ({exc})")) from exc
         raise UnknownModelError(f"cannot load a model and processor from {source!r}: {exc}") from exc
     return loaded, processor
 
 
-def _resolve_source(model: str | os.PathLike[str]) -> tuple[str, bool]:
-    """``(where to load from, local files only)``, or a clear error before any download is tried."""
+def model_source(model: str | os.PathLike[str]) -> tuple[str, bool]:
+    """``(where to load from, local files only)`` for ``"demo"`` (the shipped demo LLaVA), a directory or a
+    hub id, or a clear error before any download is tried (``api_tool.backends.hub``)."""
     name = os.fspath(model)
-    if name == DEMO_MODEL:
-        from api_tool.demo.tiny_llava import DEMO_LLAVA_DIR
+    if name != DEMO_MODEL:
+        return resolve_source(name)
+    from api_tool.demo.tiny_llava import DEMO_LLAVA_DIR
 
-        if not (DEMO_LLAVA_DIR / "config.json").is_file():
-            raise WeightsUnavailableError(
-                f"the demo LLaVA is not in this installation (expected {DEMO_LLAVA_DIR}); it is trained by the "
-                "project's demo-model script. Pass a hub id or a local directory instead"
-            )
-        return str(DEMO_LLAVA_DIR), True
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UnknownModelError(f"{name!r} is a directory without config.json; save the model with save_pretrained")
-        return str(path), True
-    if not _HUB_ID.match(name):
-        raise UnknownModelError(
-            f"{name!r} is neither an existing directory nor a hub id like 'llava-hf/llava-1.5-7b-hf'"
+    if not (DEMO_LLAVA_DIR / "config.json").is_file():
+        raise WeightsUnavailableError(
+            f"the demo LLaVA is not in this installation (expected {DEMO_LLAVA_DIR}); it is trained by the "
+            "project's demo-model script. Pass a hub id or a local directory instead"
         )
-    if _hub_cached(name):
-        return name, True
-    if _offline():
-        raise WeightsUnavailableError(_weights_hint(name, "offline mode is on (HF_HUB_OFFLINE)"))
-    _probe_hub(name)
-    return name, False
-
-
-def _hub_cached(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-
-
-def _offline() -> bool:
-    import huggingface_hub.constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
-    return flag.lower() in ("1", "true", "yes", "on") or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-
-
-def _probe_hub(repo_id: str) -> None:
-    """Raise ``WeightsUnavailableError`` if the hub does not answer within seconds, ``UnknownModelError``
-    if it answers that the repository does not exist."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
-    outcome: list[BaseException | None] = []
-
-    def probe() -> None:
-        try:
-            HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
-            outcome.append(None)
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(HUB_PROBE_TIMEOUT_S + 1.0)
-    if not outcome:
-        raise WeightsUnavailableError(_weights_hint(repo_id, "the hub did not answer"))
-    error = outcome[0]
-    if isinstance(error, GatedRepoError):
-        raise WeightsUnavailableError(_weights_hint(repo_id, f"the repository is gated ({error})"))
-    if isinstance(error, RepositoryNotFoundError):
-        raise UnknownModelError(f"{repo_id!r} is not a model on the hub (nor a local directory)")
-    if error is not None:
-        raise WeightsUnavailableError(_weights_hint(repo_id, f"the hub cannot be reached ({type(error).__name__})"))
-
-
-def _weights_hint(name: str, reason: str) -> str:
-    return (
-        f"the weights of {name!r} are not in the local Hugging Face cache and {reason}. On a connected machine "
-        f"run `hf download {name}` and copy ~/.cache/huggingface/hub to this machine, or save the model and "
-        "processor with save_pretrained and pass that directory as model=...; model='demo' works offline"
-    )
+    return str(DEMO_LLAVA_DIR), True
 
 
 def _transformers_version() -> tuple[int, int]:

@@ -216,7 +216,7 @@ def test_missing_weights_fail_fast_offline(monkeypatch: pytest.MonkeyPatch) -> N
 
     from api_tool.backends import clip as clip_module
 
-    monkeypatch.setattr(clip_module, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(clip_module, "hub_reachable", lambda: False)
     monkeypatch.setattr(clip_module, "_cached_checkpoint", lambda cfg: None)
     start = time.perf_counter()
     with pytest.raises(WeightsUnavailableError, match="not in the local cache") as info:

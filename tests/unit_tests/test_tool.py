@@ -346,7 +346,7 @@ def test_loaded_image_reference_round_trip(tool: AttentionPromptTool) -> None:
 def test_missing_weights_reach_the_agent_as_an_error_message(monkeypatch: pytest.MonkeyPatch) -> None:
     from api_tool.backends import clip as clip_module
 
-    monkeypatch.setattr(clip_module, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(clip_module, "hub_reachable", lambda: False)
     monkeypatch.setattr(clip_module, "_cached_checkpoint", lambda cfg: None)
     tool = AttentionPromptTool(attributor="clip:ViT-B-32@openai")
     call = {"type": "tool_call", "id": "w1", "name": "attention_prompt", "args": {"question": "a cat?"}}

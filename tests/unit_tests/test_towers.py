@@ -349,7 +349,7 @@ def test_a_siglip_tokenizer_missing_offline_is_a_clear_error_before_loading(tmp_
 
     checkpoint = tmp_path / "siglip2.pt"
     checkpoint.write_bytes(b"not read")
-    monkeypatch.setattr(clip_module, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(clip_module, "hub_reachable", lambda: False)
     monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)
     monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(WeightsUnavailableError, match=r"tokenizer of ViT-B-16-SigLIP2 .*timm/ViT-B-16-SigLIP2"):

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from api_tool.backends.hub import resolve_source
 from api_tool.backends.psi import Affine, AttentionWeights
 from api_tool.backends.towers.base import (
     ClsPooling,
@@ -220,7 +220,7 @@ def load_hf_dual_encoder(source: str) -> tuple[Any, Any]:
     missing from the cache fails within seconds with ``WeightsUnavailableError``."""
     from transformers import AutoConfig, AutoModel, AutoProcessor
 
-    where, local_only = _resolve_source(source)
+    where, local_only = resolve_source(source, example_id="google/siglip2-base-patch16-naflex")
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=local_only)
         if config.model_type not in HF_MODEL_TYPES:
@@ -233,26 +233,3 @@ def load_hf_dual_encoder(source: str) -> tuple[Any, Any]:
             raise WeightsUnavailableError(f"{source}: the local Hugging Face cache is incomplete ({exc})") from exc
         raise UnknownModelError(f"cannot load a model and processor from {where!r}: {exc}") from exc
     return model.eval(), processor
-
-
-def _resolve_source(source: str) -> tuple[str, bool]:
-    """``(where to load from, local files only)`` for a directory or a hub id, or a clear error first."""
-    from api_tool.backends.lvlm import _HUB_ID, _hub_cached, _offline, _probe_hub, _weights_hint
-
-    path = Path(os.path.expanduser(source))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UnknownModelError(
-                f"{source!r} is a directory without config.json; save the model with save_pretrained"
-            )
-        return str(path), True
-    if not _HUB_ID.match(source):
-        raise UnknownModelError(
-            f"{source!r} is neither an existing directory nor a hub id like 'google/siglip2-base-patch16-naflex'"
-        )
-    if _hub_cached(source):
-        return source, True
-    if _offline():
-        raise WeightsUnavailableError(_weights_hint(source, "offline mode is on (HF_HUB_OFFLINE)"))
-    _probe_hub(source)
-    return source, False
