@@ -12,6 +12,7 @@ from agents.agent import api_system_prompt, create_api_agent
 from agents.chat_models import ChatTransformersVLM, parse_tool_calls
 from agents.datasets import EvalItem, convert_pope, load_jsonl, synthetic_items, write_jsonl
 from agents.eval_options import EvalOptions
+from agents.eval_ray import RayOptions, evaluate_on_ray
 from agents.eval_reports import EvalReport
 from agents.eval_runner import evaluate
 from agents.metrics import change_counts, pope_scores
@@ -35,6 +36,7 @@ __all__ = [
     "EvalOptions",
     "EvalReport",
     "ImageToolMessageMiddleware",
+    "RayOptions",
     "ReflectionResult",
     "ReflectionRound",
     "ReflectionState",
@@ -48,6 +50,7 @@ __all__ = [
     "create_api_agent",
     "default_tool",
     "evaluate",
+    "evaluate_on_ray",
     "get_strategy",
     "hoist_tool_images",
     "load_jsonl",

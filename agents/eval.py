@@ -31,16 +31,28 @@ match, POPE per split, changes against the first answer with right->wrong and wr
 question type, seconds per answer); ``gallery.html``, the questions where modes disagree (original,
 annotated image, every mode's answer), with inline thumbnails; ``thumbs/`` (annotated thumbnails).
 
+Engines: ``--engine local`` (default) runs in this process; ``--engine ray [--ray-address ADDR]`` runs the
+same chunks on the actors of a Ray cluster (``agents.eval_ray``: a local Ray when no address is given),
+with the same results log, resume and reports. Targets: ``demo`` or a local transformers directory, or a
+served model, ``openai:MODEL@BASE_URL`` / ``ollama:MODEL@HOST`` (``agents.served``: checked before the run,
+retried on 429/5xx and timeouts, request and token counts in the report). ``--benchmark NAME --data PATH
+[--images DIR]`` reads POPE, MME, HallusionBench, V*Bench or TextVQA in its published format and adds
+its own metric to the report (``agents.benchmarks``).
+
 Usage::
 
     api-prompt eval --synthetic all --n 200 --target demo --modes plain,api,verify --out eval-out
     api-prompt eval --data pope_random.jsonl --target openai:gpt-4o-mini --attributor clip:ViT-L-14-336 \\
         --modes plain,api,verify --out eval-gpt --resume
+    api-prompt eval --benchmark mme --data MME_Benchmark_release_version --engine ray --ray-address auto \\
+        --target openai:Qwen/Qwen2.5-VL-7B-Instruct@http://vllm-host:8000/v1 --modes plain,api --out eval-mme
 
 The harness lives in modules by job: ``agents.eval_options`` (modes, :class:`EvalOptions`),
-``agents.eval_runner`` (:func:`evaluate`, the map cache), ``agents.results_log`` (the results log and the
-output-folder lock), ``agents.eval_reports`` (scores, reports, gallery) and ``agents.eval_factories``
-(models from specs). This module is the command line; it re-exports their public names.
+``agents.eval_runner`` (:func:`evaluate`, the map cache), ``agents.eval_ray`` (the Ray engine),
+``agents.results_log`` (the results log and the output-folder lock), ``agents.eval_reports`` (scores,
+reports, gallery), ``agents.eval_factories`` (models from specs), ``agents.served`` (served targets) and
+``agents.benchmarks`` (standard benchmarks). This module is the command line; it re-exports their public
+names.
 
 Example:
     >>> from agents.datasets import synthetic_items
@@ -57,15 +69,26 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from agents.benchmarks import BENCHMARKS, load_benchmark
 from agents.datasets import SYNTHETIC_SETS, EvalItem, load_jsonl, synthetic_items
-from agents.eval_factories import LOCAL_MAX_TOKENS, build_attributor, build_target
+from agents.eval_factories import (
+    LOCAL_MAX_TOKENS,
+    attributor_factory,
+    build_attributor,
+    build_target,
+    target_factory,
+)
 from agents.eval_options import ANNOTATING_MODES, MODES, REFLECTION_MODES, EvalOptions, run_modes
+from agents.eval_ray import RayOptions, evaluate_on_ray
 from agents.eval_reports import REPORT_MD, EvalReport, disagreements, summarize, write_reports
 from agents.eval_runner import MapCache, describe_attributor_name, describe_target, evaluate, map_cache
 from agents.results_log import LOCK_FILE, RESULTS_FILE, ResultsLog, lock_output
-from api_tool.errors import ApiPromptingError, EvalRunError
+from api_tool.errors import ApiPromptingError, EvalRunError, InvalidParameterError
 from api_tool.maps import COMBINE_MODES
 from api_tool.render import STYLES
+
+ENGINES: tuple[str, ...] = ("local", "ray")
+"""Where ``api-prompt eval`` runs: in this process, or on the actors of a Ray cluster (``agents.eval_ray``)."""
 
 __all__ = [
     "ANNOTATING_MODES",
@@ -77,6 +100,7 @@ __all__ = [
     "EvalOptions",
     "EvalReport",
     "MapCache",
+    "RayOptions",
     "ResultsLog",
     "build_attributor",
     "build_parser",
@@ -85,6 +109,7 @@ __all__ = [
     "describe_target",
     "disagreements",
     "evaluate",
+    "evaluate_on_ray",
     "lock_output",
     "main",
     "map_cache",
@@ -130,13 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a vision-language model with and without attention prompting (resumable).",
     )
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", type=Path, help="a JSONL of {image, question, answer, type?, split?, id?}")
+    data.add_argument(
+        "--data",
+        type=Path,
+        help="a JSONL of {image, question, answer, type?, split?, id?}; with --benchmark, the benchmark's own file "
+        "or folder",
+    )
     data.add_argument(
         "--synthetic", choices=SYNTHETIC_SETS, help="the shipped synthetic sets ('all': the three POPE splits)"
     )
     parser.add_argument("--n", type=int, default=None, help="first N questions (per split for --synthetic all)")
     parser.add_argument(
-        "--target", default="demo", help="demo | openai:<model> | ollama:<model> | <local transformers dir>"
+        "--benchmark",
+        choices=BENCHMARKS,
+        default=None,
+        help="read --data in this benchmark's published format (agents.benchmarks) and add its own metric",
+    )
+    parser.add_argument("--images", type=Path, default=None, help="with --benchmark: the folder its images are in")
+    parser.add_argument(
+        "--target",
+        default="demo",
+        help="demo | <local transformers dir> | openai:MODEL[@BASE_URL] (vLLM, SGLang, LM Studio, OpenAI; the "
+        "base URL also from OPENAI_BASE_URL, the key from OPENAI_API_KEY, not needed by a server of your own) | "
+        "ollama:MODEL[@HOST:PORT] (the host also from OLLAMA_HOST)",
     )
     parser.add_argument(
         "--modes", default="plain,api", help=f"comma-separated, from {','.join(MODES)} (default: plain,api)"
@@ -166,10 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (neither the run's nor model loading's)"
     )
+    ray = parser.add_argument_group("Ray engine (--engine ray; needs the [ray] extra)")
+    ray.add_argument(
+        "--engine", choices=ENGINES, default="local", help="local: this process; ray: actors of a Ray cluster"
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (HOST:PORT, auto, ray://HOST:10001); default: start a local Ray",
+    )
+    ray.add_argument("--actors", type=int, default=None, help="actor pool size (default: as many as fit)")
+    ray.add_argument(
+        "--gpus-per-actor", type=float, default=None, help="GPUs per actor (default: 1 on a GPU cluster, else 0)"
+    )
+    ray.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
     return parser
 
 
 def _load_items(args: argparse.Namespace) -> tuple[list[EvalItem], str]:
+    if args.benchmark is not None or args.images is not None:
+        if args.benchmark is None or args.data is None:
+            raise InvalidParameterError("--benchmark NAME --data PATH [--images DIR] go together")
+        items = load_benchmark(args.benchmark, args.data, args.images, limit=args.n)
+        return items, f"{args.benchmark}:{args.data.expanduser().resolve()}"
     if args.synthetic is not None:
         return synthetic_items(args.synthetic, args.n), f"synthetic:{args.synthetic}"
     return load_jsonl(args.data, limit=args.n), str(args.data.expanduser().resolve())
@@ -192,15 +252,36 @@ def _run_cli(args: argparse.Namespace) -> EvalReport:
         progress=not args.no_progress,
         gallery_limit=args.gallery_limit,
     )
+    ray_options = _ray_options(args)
     items, data_name = _load_items(args)
-    target = build_target(args.target, max_tokens=args.max_tokens, device=args.device)
     needs_maps = bool(ANNOTATING_MODES.intersection(run_modes(modes)))
-    attributor = (
-        build_attributor(args.attributor, target, args.device, args.combine, args.enhance_coe) if needs_maps else None
-    )
     settings = (("combine", args.combine), ("enhance_coe", args.enhance_coe))
     chosen = [f"{name}={value}" for name, value in settings if value is not None]
     label = f"{args.attributor} ({', '.join(chosen)})" if chosen else args.attributor
+    attributor_name = label if needs_maps else None
+    if ray_options is not None:
+        make_attributor = (
+            attributor_factory(args.attributor, device=args.device, combine=args.combine, enhance_coe=args.enhance_coe)
+            if needs_maps
+            else None
+        )
+        return evaluate_on_ray(
+            items,
+            target_factory(args.target, max_tokens=args.max_tokens, device=args.device),
+            attributor=make_attributor,
+            out_dir=args.out,
+            modes=modes,
+            resume=args.resume,
+            options=options,
+            ray_options=ray_options,
+            target_name=args.target,
+            attributor_name=attributor_name,
+            data_name=data_name,
+        )
+    target = build_target(args.target, max_tokens=args.max_tokens, device=args.device)
+    attributor = (
+        build_attributor(args.attributor, target, args.device, args.combine, args.enhance_coe) if needs_maps else None
+    )
     return evaluate(
         items,
         target,
@@ -210,9 +291,27 @@ def _run_cli(args: argparse.Namespace) -> EvalReport:
         resume=args.resume,
         options=options,
         target_name=args.target,
-        attributor_name=label if needs_maps else None,
+        attributor_name=attributor_name,
         data_name=data_name,
     )
+
+
+def _ray_options(args: argparse.Namespace) -> RayOptions | None:
+    """The Ray engine's options, or ``None`` for the local engine (which refuses the Ray-only options)."""
+    if args.engine == "ray":
+        return RayOptions(
+            address=args.ray_address,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            cpus_per_actor=args.cpus_per_actor,
+        )
+    given = [name for name in ("ray_address", "actors", "gpus_per_actor") if getattr(args, name) is not None]
+    if args.cpus_per_actor != 1.0:
+        given.append("cpus_per_actor")
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise InvalidParameterError(f"{flags} apply to the Ray engine; add --engine ray")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

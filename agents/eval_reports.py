@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from agents.benchmarks import BENCHMARK_TITLES, benchmark_summary
 from agents.datasets import EvalItem, item_image
 from agents.eval_options import REFLECTION_MODES, EvalOptions
 from agents.metrics import (
@@ -49,15 +50,25 @@ def thumbnail_jpeg(image: Image.Image, side: int) -> bytes:
     return buffer.getvalue()
 
 
-def save_thumbnail(image: Image.Image, directory: Path, side: int) -> str:
-    """Save a JPEG thumbnail named by its content under ``directory``; returns ``"thumbs/<name>.jpg"``."""
+def thumbnail_file(image: Image.Image, side: int) -> tuple[str, bytes]:
+    """A JPEG thumbnail (:func:`thumbnail_jpeg`) and its path in the output folder, named by its content:
+    ``("thumbs/<hash>.jpg", data)``."""
     data = thumbnail_jpeg(image, side)
-    name = f"{hashlib.blake2b(data, digest_size=10).hexdigest()}.jpg"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
+    return f"{THUMBS_DIR}/{hashlib.blake2b(data, digest_size=10).hexdigest()}.jpg", data
+
+
+def store_thumbnail(out_dir: Path, name: str, data: bytes) -> str:
+    """Write a thumbnail from :func:`thumbnail_file` under ``out_dir`` (unless it is there); returns ``name``."""
+    path = out_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         path.write_bytes(data)
-    return f"{directory.name}/{name}"
+    return name
+
+
+def save_thumbnail(image: Image.Image, out_dir: Path, side: int) -> str:
+    """Save a JPEG thumbnail named by its content under ``out_dir/thumbs``; returns ``"thumbs/<name>.jpg"``."""
+    return store_thumbnail(out_dir, *thumbnail_file(image, side))
 
 
 def _split_name(split: object) -> str:
@@ -138,6 +149,56 @@ def _fmt(value: object, percent: bool = True) -> str:
     return str(value)
 
 
+def _engine_lines(run: dict[str, Any]) -> list[str]:
+    """The report lines on how the last invocation ran: the Ray engine's actors, a served target's counts."""
+    lines = []
+    if run.get("engine") == "ray":
+        lines.append(
+            f"- engine: Ray, {run['actors']} actor(s) ({run['gpus_per_actor']} GPU, {run['cpus_per_actor']} CPU each)"
+        )
+    usage = run.get("target_usage")
+    if usage:
+        lines.append(
+            f"- target requests: {usage['requests']} ({usage['retries']} retried, {usage['failed']} failed); "
+            f"tokens: {usage['input_tokens']} in, {usage['output_tokens']} out"
+        )
+    return lines
+
+
+def _benchmark_lines(scores: dict[str, Any] | None) -> list[str]:
+    """The benchmark's own metric per mode (``agents.benchmarks.benchmark_summary``) as a Markdown table."""
+    if not scores:
+        return []
+    name, modes = scores["name"], scores["modes"]
+    columns = {
+        "mme": [("perception", "perception (/2000)", False), ("cognition", "cognition (/800)", False)],
+        "hallusionbench": [("aAcc", "aAcc", True), ("fAcc", "fAcc", True), ("qAcc", "qAcc", True)],
+        "vstar": [("accuracy", "accuracy", True)],
+        "textvqa": [("vqa_accuracy", "VQA accuracy", True)],
+    }[name]
+    lines = [
+        "",
+        f"## {BENCHMARK_TITLES[name]} (its own metric; see agents.benchmarks for how it is read)",
+        "",
+        "| mode | n | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for mode, entry in modes.items():
+        n = entry.get("questions") or sum(s["questions"] for s in entry.get("subtasks", {}).values())
+        cells = [f"{100 * entry[key]:.1f}" if percent else f"{entry[key]:.1f}" for key, _, percent in columns]
+        lines.append(f"| {mode} | {n} | " + " | ".join(cells) + " |")
+    if name == "mme":
+        tasks = list(dict.fromkeys(task for entry in modes.values() for task in entry["subtasks"]))
+        lines += ["", "| subtask | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
+        for task in tasks:
+            cells = [
+                f"{entry['subtasks'][task]['score']:.1f}" if task in entry["subtasks"] else "–"
+                for entry in modes.values()
+            ]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_report(summary: dict[str, Any], run: dict[str, Any]) -> str:
     """The report as Markdown tables (percentages, one decimal)."""
     modes = summary["modes"]
@@ -150,6 +211,7 @@ def markdown_report(summary: dict[str, Any], run: dict[str, Any]) -> str:
         f"- modes: {', '.join(modes)}",
         f"- wall time of the last invocation: {run['wall_seconds']:.1f} s ({run['answered']} answers); "
         f"finished {run['finished']}",
+        *_engine_lines(run),
         "",
         "## Accuracy (%)",
         "",
@@ -213,6 +275,7 @@ def markdown_report(summary: dict[str, Any], run: dict[str, Any]) -> str:
                 for entry in modes.values()
             ]
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += _benchmark_lines(summary.get("benchmark"))
     lines += ["", f"Questions where modes disagree: {summary['disagreements']} (see gallery.html)."]
     return "\n".join(lines) + "\n"
 
@@ -304,8 +367,15 @@ def write_reports(
 ) -> EvalReport:
     """Write ``report.json``, ``report.md`` and ``gallery.html`` for the given items and modes."""
     ids = {item.id: item for item in items}
-    chosen = [r for r in records if str(r["id"]) in ids and r["mode"] in modes]
+    order = {item_id: index for index, item_id in enumerate(ids)}
+    chosen = sorted(  # dataset order, whatever order the answers were logged in (the Ray engine's is not fixed)
+        (r for r in records if str(r["id"]) in ids and r["mode"] in modes),
+        key=lambda r: (order[str(r["id"])], list(modes).index(r["mode"])),
+    )
     summary = summarize(chosen, modes)
+    scores = benchmark_summary(chosen, ids, modes)
+    if scores is not None:
+        summary["benchmark"] = scores
     files = {"json": out_dir / REPORT_JSON, "markdown": out_dir / REPORT_MD, "gallery": out_dir / GALLERY_HTML}
     files["json"].write_text(json.dumps({"run": run, **summary}, indent=2) + "\n", encoding="utf-8")
     files["markdown"].write_text(markdown_report(summary, run), encoding="utf-8")

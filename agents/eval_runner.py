@@ -18,12 +18,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
@@ -32,9 +33,10 @@ from PIL import Image
 from agents.chat_models import ChatTransformersVLM
 from agents.datasets import EvalItem, item_image
 from agents.eval_options import ANNOTATING_MODES, REFLECTION_MODES, EvalOptions, run_modes
-from agents.eval_reports import THUMBS_DIR, EvalReport, save_thumbnail, write_reports
+from agents.eval_reports import EvalReport, save_thumbnail, write_reports
 from agents.reflection import image_data_uri, reflect
 from agents.results_log import RESULTS_FILE, RUN_FILE, ResultsLog, check_run_file, lock_output
+from agents.served import ServedChatModel
 from api_tool.backends.base import Attributor
 from api_tool.errors import EvalRunError, InvalidParameterError
 from api_tool.images import ImageRef, load_image
@@ -142,6 +144,19 @@ def map_cache(backend: Attributor) -> MapCache:
     return AnswerScoringMapCache(backend) if scores_answers(backend) else MapCache(backend)
 
 
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"``, as failures are reported."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def failed_run_error(count: int, item_id: str, mode: str, error: str) -> EvalRunError:
+    """The error a run stops with when questions failed (``error``: the first failure, ``"Type: message"``)."""
+    return EvalRunError(
+        f"{count} question(s) failed, first {item_id!r} in mode {mode!r}: {error}; "
+        "the answers obtained so far are saved, rerun with --resume to continue"
+    )
+
+
 def _image_block(image: Image.Image) -> dict[str, Any]:
     header, data = image_data_uri(image).split(",", 1)
     return {"type": "image", "base64": data, "mime_type": header[len("data:") : header.index(";")]}
@@ -154,8 +169,8 @@ def question_messages(image: Image.Image, question: str, system_prompt: str | No
     return [SystemMessage(system_prompt), human] if system_prompt else [human]
 
 
-class _Progress:
-    """tqdm on stderr when available and wanted, else nothing."""
+class ProgressBar:
+    """tqdm on stderr when available and wanted, else nothing: one step per answer logged."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self._bar: Any = None
@@ -167,32 +182,51 @@ class _Progress:
             self._bar = tqdm(total=total, desc="eval", unit="answer", file=sys.stderr, dynamic_ncols=True)
 
     def step(self, mode: str) -> None:
+        """One more answer, in ``mode``."""
         if self._bar is not None:
             self._bar.set_postfix_str(mode, refresh=False)
             self._bar.update(1)
 
     def close(self) -> None:
+        """Remove the bar."""
         if self._bar is not None:
             self._bar.close()
 
 
-class _Runner:
-    """Runs the pending (item, mode) pairs chunk by chunk and logs each answer as it comes."""
+class RecordSink(Protocol):
+    """Where a :class:`ChunkRunner` puts each result record: the :class:`ResultsLog` of a local run, a list
+    in a Ray actor (the driver writes the log)."""
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Keep one record."""
+
+
+class ChunkRunner:
+    """Runs the pending (item, mode) pairs chunk by chunk and hands each answer to ``sink`` as it comes.
+
+    Args:
+        target: the chat model asked.
+        attributor: the map backend (``None`` when no mode needs maps).
+        options: how the modes run.
+        sink: receives each result record.
+        thumbnail: saves an annotated image's thumbnail and returns its path relative to the output folder.
+        identity: the run's names (``target``, ``attributor``), copied into every record.
+    """
 
     def __init__(
         self,
         target: BaseChatModel,
         attributor: Attributor | None,
         options: EvalOptions,
-        log: ResultsLog,
-        thumbs: Path,
+        sink: RecordSink,
+        thumbnail: Callable[[Image.Image], str],
         identity: dict[str, Any],
     ) -> None:
         self.target = target
         self.cache = map_cache(attributor) if attributor is not None else None
         self.options = options
-        self.log = log
-        self.thumbs = thumbs
+        self.sink = sink
+        self.thumbnail = thumbnail
         self.identity = identity
         local = isinstance(target, ChatTransformersVLM)
         self.concurrency = options.concurrency or (1 if local else options.batch_size)
@@ -204,7 +238,7 @@ class _Runner:
             else None
         )
         self.failures: list[tuple[str, str, BaseException]] = []
-        self.progress = _Progress(0, enabled=False)
+        self.progress = ProgressBar(0, enabled=False)
 
     def _record(self, item: EvalItem, mode: str, **fields: Any) -> dict[str, Any]:
         return {
@@ -232,10 +266,16 @@ class _Runner:
                 self.failures.append((item.id, mode, reply))
                 continue
             text = reply.text.strip()
-            self.log.append(self._record(item, mode, answer=text, reply=text, seconds=seconds, **more))
-            self.progress.step(mode)
+            self._emit(self._record(item, mode, answer=text, reply=text, seconds=seconds, **more))
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.sink.append(record)
+        self.progress.step(str(record["mode"]))
 
     def run_chunk(self, chunk: list[tuple[EvalItem, list[str]]], plain: dict[str, str]) -> None:
+        """Ask one chunk: ``plain`` first (adding its answers to ``plain``), then the chunk's maps in one
+        batch, ``api``, and each reflection mode; raises ``EvalRunError`` (answers so far handed over) after
+        the first step in which a question failed."""
         images = {item.id: item_image(item) for item, _ in chunk}
         system = self.options.system_prompt
         todo = [item for item, modes in chunk if "plain" in modes]
@@ -256,7 +296,7 @@ class _Runner:
                 ).image
                 for i in todo
             ]
-            thumbs = [{"annotated": save_thumbnail(p, self.thumbs, self.options.thumb_side)} for p in prompted]
+            thumbs = [{"annotated": self.thumbnail(p)} for p in prompted]
             replies, seconds = self._ask([question_messages(p, i.question, system) for p, i in zip(prompted, todo)])
             for more in thumbs:
                 more["map_seconds"] = map_seconds
@@ -316,7 +356,7 @@ class _Runner:
                 parsed=all(r.parsed for r in result.rounds),
                 rounds=len(result.rounds),
                 seconds=result.timings.get("total", 0.0),
-                annotated=save_thumbnail(annotated[0], self.thumbs, self.options.thumb_side) if annotated else None,
+                annotated=self.thumbnail(annotated[0]) if annotated else None,
             )
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -327,19 +367,16 @@ class _Runner:
                 except Exception as exc:
                     self.failures.append((item.id, mode, exc))
                     continue
-                self.log.append(record)
-                self.progress.step(mode)
+                self._emit(record)
 
     def _stop_on_failure(self) -> None:
         if self.failures:
             item_id, mode, exc = self.failures[0]
-            raise EvalRunError(
-                f"{len(self.failures)} question(s) failed, first {item_id!r} in mode {mode!r}: "
-                f"{type(exc).__name__}: {exc}; the answers obtained so far are saved, rerun with --resume to continue"
-            ) from exc
+            raise failed_run_error(len(self.failures), item_id, mode, describe_error(exc)) from exc
 
     def run(self, pending: list[tuple[EvalItem, list[str]]], plain: dict[str, str]) -> None:
-        self.progress = _Progress(sum(len(modes) for _, modes in pending), self.options.progress)
+        """Run every chunk of ``batch_size`` pending items in order, with a progress bar when asked."""
+        self.progress = ProgressBar(sum(len(modes) for _, modes in pending), self.options.progress)
         try:
             for start in range(0, len(pending), self.options.batch_size):
                 self.run_chunk(pending[start : start + self.options.batch_size], plain)
@@ -353,6 +390,109 @@ def describe_target(target: BaseChatModel) -> str:
     """A short name for a chat model: its class and model name."""
     name = getattr(target, "model", None) or getattr(target, "model_name", None)
     return f"{type(target).__name__}({name})" if name else type(target).__name__
+
+
+@dataclass
+class PendingRun:
+    """What a run still has to ask, handed to an engine (:func:`run_locally`, or Ray's).
+
+    Attributes:
+        pending: the items with the modes not yet answered, in dataset order.
+        plain: the plain answers already logged, by item id (reflection starts from them).
+        log: the results log (open, locked); engines append every answer to it as it comes.
+        out_dir: the output folder (thumbnails go to ``out_dir/thumbs``).
+        identity: the run's names (what ``run.json`` holds).
+        options: how the modes run (``modes`` in run order).
+        usage: a served target's request and token counts, filled in by the engine.
+        engine: how the engine describes itself in the report (``{"engine": "local"}``...).
+    """
+
+    pending: list[tuple[EvalItem, list[str]]]
+    plain: dict[str, str]
+    log: ResultsLog
+    out_dir: Path
+    identity: dict[str, Any]
+    options: EvalOptions
+    usage: dict[str, int] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=lambda: {"engine": "local"})
+
+
+Engine = Callable[[PendingRun], None]
+"""Asks the pending questions of a :class:`PendingRun`, appending every answer to its log."""
+
+
+def add_usage(total: dict[str, int], more: dict[str, int]) -> None:
+    """Add served-target counters (``ServedChatModel.usage``) into ``total``."""
+    for key, value in more.items():
+        total[key] = total.get(key, 0) + int(value)
+
+
+def run_evaluation(
+    items: Sequence[EvalItem],
+    engine: Engine,
+    *,
+    out_dir: str | os.PathLike[str],
+    modes: Sequence[str],
+    resume: bool,
+    options: EvalOptions | None,
+    target_name: str,
+    attributor_name: str | None,
+    has_attributor: bool,
+    data_name: str,
+) -> EvalReport:
+    """What every engine shares: check the modes and ids, lock ``out_dir``, read the results log, refuse a
+    different run, hand the pending (item, mode) pairs to ``engine``, and write the reports (also when the
+    engine fails). See :func:`evaluate` for the arguments and errors."""
+    chosen_modes = run_modes(modes)
+    base = options or EvalOptions()
+    settings = replace(base, modes=chosen_modes)
+    if not has_attributor and ANNOTATING_MODES.intersection(chosen_modes):
+        needing = sorted(ANNOTATING_MODES.intersection(chosen_modes))
+        raise InvalidParameterError(f"modes {needing} need an attributor")
+    ids = [item.id for item in items]
+    if len(set(ids)) != len(ids):
+        raise InvalidParameterError("item ids must be unique")
+    folder = Path(out_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    with lock_output(folder):
+        log = ResultsLog(folder / RESULTS_FILE)
+        records = list(log.load())
+        identity = {
+            "target": target_name,
+            "attributor": attributor_name,
+            "data": data_name,
+            "style": settings.style,
+            "gray_level": settings.gray_level,
+            "system_prompt": settings.system_prompt,
+            "rounds": settings.rounds,
+        }
+        check_run_file(folder / RUN_FILE, identity, resume, bool(records))
+        (folder / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
+        done = log.done
+        plain = {str(r["id"]): str(r["answer"]) for r in records if r["mode"] == "plain"}
+        pending = [
+            (item, [mode for mode in chosen_modes if (item.id, mode) not in done])
+            for item in items
+            if any((item.id, mode) not in done for mode in chosen_modes)
+        ]
+        start = time.perf_counter()
+        work = PendingRun(pending, plain, log, folder, identity, settings)
+        try:
+            engine(work)
+        finally:
+            run = {
+                **identity,
+                **work.engine,
+                "items": len(items),
+                "modes": list(chosen_modes),
+                "answered": len(log.records) - len(records),
+                "wall_seconds": time.perf_counter() - start,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            if work.usage:
+                run["target_usage"] = dict(work.usage)
+            report = write_reports(folder, log.records, items, chosen_modes, run, settings)
+    return report
 
 
 def evaluate(
@@ -395,53 +535,31 @@ def evaluate(
         ...                   out_dir="eval-out", attributor=get_attributor("demo"),
         ...                   modes=("plain", "api", "verify"))  # doctest: +SKIP
     """
-    chosen_modes = run_modes(modes)
-    base = options or EvalOptions()
-    settings = replace(base, modes=chosen_modes)
-    if attributor is None and ANNOTATING_MODES.intersection(chosen_modes):
-        needing = sorted(ANNOTATING_MODES.intersection(chosen_modes))
-        raise InvalidParameterError(f"modes {needing} need an attributor")
-    ids = [item.id for item in items]
-    if len(set(ids)) != len(ids):
-        raise InvalidParameterError("item ids must be unique")
-    folder = Path(out_dir).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    with lock_output(folder):
-        log = ResultsLog(folder / RESULTS_FILE)
-        records = list(log.load())
-        identity = {
-            "target": target_name or describe_target(target),
-            "attributor": attributor_name or (describe_attributor_name(attributor) if attributor is not None else None),
-            "data": data_name,
-            "style": settings.style,
-            "gray_level": settings.gray_level,
-            "system_prompt": settings.system_prompt,
-            "rounds": settings.rounds,
-        }
-        check_run_file(folder / RUN_FILE, identity, resume, bool(records))
-        (folder / RUN_FILE).write_text(json.dumps(identity, indent=2) + "\n", encoding="utf-8")
-        done = log.done
-        plain = {str(r["id"]): str(r["answer"]) for r in records if r["mode"] == "plain"}
-        pending = [
-            (item, [mode for mode in chosen_modes if (item.id, mode) not in done])
-            for item in items
-            if any((item.id, mode) not in done for mode in chosen_modes)
-        ]
-        start = time.perf_counter()
-        runner = _Runner(target, attributor, settings, log, folder / THUMBS_DIR, identity)
-        try:
-            runner.run(pending, plain)
-        finally:
-            run = {
-                **identity,
-                "items": len(items),
-                "modes": list(chosen_modes),
-                "answered": len(log.records) - len(records),
-                "wall_seconds": time.perf_counter() - start,
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            report = write_reports(folder, log.records, items, chosen_modes, run, settings)
-    return report
+    return run_evaluation(
+        items,
+        partial(run_locally, target, attributor),
+        out_dir=out_dir,
+        modes=modes,
+        resume=resume,
+        options=options,
+        target_name=target_name or describe_target(target),
+        attributor_name=attributor_name or (describe_attributor_name(attributor) if attributor is not None else None),
+        has_attributor=attributor is not None,
+        data_name=data_name,
+    )
+
+
+def run_locally(target: BaseChatModel, attributor: Attributor | None, run: PendingRun) -> None:
+    """The local engine: this process asks ``target`` chunk by chunk (:class:`ChunkRunner`), appending each
+    answer to the log; a served target's request and token counts go to ``run.usage``."""
+    thumbnail = partial(save_thumbnail, out_dir=run.out_dir, side=run.options.thumb_side)
+    runner = ChunkRunner(target, attributor, run.options, run.log, thumbnail, run.identity)
+    before = target.usage() if isinstance(target, ServedChatModel) else None
+    try:
+        runner.run(run.pending, run.plain)
+    finally:
+        if isinstance(target, ServedChatModel) and before is not None:
+            add_usage(run.usage, {key: value - before[key] for key, value in target.usage().items()})
 
 
 def describe_attributor_name(attributor: Attributor) -> str:

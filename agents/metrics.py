@@ -332,3 +332,215 @@ def group_indices(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
     for index, key in enumerate(keys):
         groups.setdefault(key, []).append(index)
     return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Standard benchmarks' own metrics (``agents.benchmarks`` groups the records for them).
+# ----------------------------------------------------------------------------------------------
+
+_VQA_PUNCTUATION = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
+_VQA_DIGIT_COMMA = re.compile(r"(?<=\d)(,)+(?=\d)")
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_NUMBERS = {"none": "0", **{word: NUMBER_WORDS[word] for word in _NUMBERS_TO_TWENTY.split(" ")[:11]}}
+_VQA_CONTRACTED: tuple[str, ...] = (
+    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
+    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's", "I'd've", "I'm", "I've",
+    "isn't", "it'd", "it'd've", "it'll", "ma'am", "mightn't", "mightn't've", "might've", "mustn't", "must've",
+    "needn't", "not've", "o'clock", "oughtn't", "shan't", "she'd've", "should've", "shouldn't", "shouldn't've",
+    "somebody'd've", "somebody'll", "somebody's", "someone'd", "someone'd've", "someone'll", "someone's",
+    "something'd", "something'd've", "something'll", "that's", "there'd", "there'd've", "there're", "there's",
+    "they'd", "they'd've", "they'll", "they're", "they've", "'twas", "wasn't", "we'd've", "we've", "weren't",
+    "what'll", "what're", "what's", "what've", "when's", "where'd", "where's", "where've", "who'd", "who'd've",
+    "who'll", "who's", "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've",
+    "y'all", "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll", "you're", "you've",
+)  # fmt: skip
+
+
+def _apostrophe_variants(word: str) -> set[str]:
+    """``word`` with each non-empty subset of its apostrophes left out (``couldn't've`` -> ``couldntve``...)."""
+    places = [i for i, char in enumerate(word) if char == "'"]
+    variants = set()
+    for mask in range(1, 2 ** len(places)):
+        dropped = {places[k] for k in range(len(places)) if mask >> k & 1}
+        variants.add("".join(char for i, char in enumerate(word) if i not in dropped))
+    return variants
+
+
+VQA_CONTRACTIONS: dict[str, str] = {
+    variant: word for word in _VQA_CONTRACTED for variant in _apostrophe_variants(word) if variant != word
+}
+"""Contractions written without (some of) their apostrophes, mapped to the standard spelling (EvalAI's table)."""
+
+
+def vqa_normalize(answer: str) -> str:
+    """The VQA / EvalAI answer normalisation (as TextVQA's and VQAv2's official evaluators apply it): lower
+    case; commas and question marks dropped, ``'s`` split off; other punctuation removed (or made a space
+    when it joins two words); periods dropped unless in a number; number words zero..ten (and ``none``) as
+    digits; articles dropped; contractions given their apostrophes.
+
+    Example:
+        >>> vqa_normalize("The Two dogs!"), vqa_normalize("Coca-Cola"), vqa_normalize("dont"), vqa_normalize("3.5")
+        ('2 dogs', 'coca cola', "don't", '3.5')
+    """
+    text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    joined = _VQA_DIGIT_COMMA.search(text) is not None
+    for mark in _VQA_PUNCTUATION:
+        gap = "" if (mark + " " in text or " " + mark in text or joined) else " "
+        text = text.replace(mark, gap)
+    text = _VQA_PERIOD.sub("", text)
+    words = [_VQA_NUMBERS.get(word, word) for word in text.split()]
+    return " ".join(VQA_CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
+
+
+def vqa_accuracy(answer: str, human_answers: Sequence[str]) -> float:
+    """The standard VQA accuracy of one answer against the human answers (10 in TextVQA / VQAv2): for each
+    human answer left out in turn, ``min(1, matches among the others / 3)``, averaged; answers compared after
+    :func:`vqa_normalize`.
+
+    Example:
+        >>> vqa_accuracy("Stop", ["stop"] * 10), vqa_accuracy("stop", ["stop"] * 2 + ["go"] * 8)
+        (1.0, 0.6)
+    """
+    if not human_answers:
+        raise InvalidParameterError("VQA accuracy needs at least one human answer")
+    wanted = vqa_normalize(answer)
+    humans = [vqa_normalize(human) for human in human_answers]
+    matches = sum(human == wanted for human in humans)
+    scores = [min(1.0, (matches - (human == wanted)) / 3) for human in humans]
+    return sum(scores) / len(scores)
+
+
+MME_PERCEPTION: tuple[str, ...] = (
+    "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
+)  # fmt: skip
+MME_COGNITION: tuple[str, ...] = (
+    "commonsense_reasoning",
+    "numerical_calculation",
+    "text_translation",
+    "code_reasoning",
+)
+
+
+def mme_label(answer: str) -> Literal["yes", "no", "other"]:
+    """MME's reading of an answer (its ``eval_tool/calculation.py``): the lower-cased answer if it is ``yes``
+    or ``no``, else ``yes``/``no`` when found in its first four characters, else ``other`` (always wrong).
+
+    Example:
+        >>> mme_label("Yes"), mme_label("No, it is not."), mme_label("There is a dog.")
+        ('yes', 'no', 'other')
+    """
+    text = answer.lower()
+    if text in ("yes", "no"):
+        return text  # type: ignore[return-value]
+    prefix = text[:4]
+    if "yes" in prefix:
+        return "yes"
+    if "no" in prefix:
+        return "no"
+    return "other"
+
+
+def mme_scores(rows: Sequence[tuple[str, str, str, str]]) -> dict[str, Any]:
+    """MME's scores from ``(subtask, image key, answer, reference yes/no)`` rows: per subtask the accuracy
+    over questions, ``acc+`` (images with both questions right) and the score ``100 * (acc + acc+)`` (at
+    most 200); ``perception`` and ``cognition`` sum the scores of the subtasks present of each kind.
+
+    Example:
+        >>> rows = [("color", "1", "Yes", "yes"), ("color", "1", "No", "no"), ("color", "2", "yes", "no"),
+        ...         ("color", "2", "no", "yes")]
+        >>> scores = mme_scores(rows)["subtasks"]["color"]
+        >>> scores["accuracy"], scores["accuracy_plus"], scores["score"]
+        (0.5, 0.5, 100.0)
+    """
+    by_task: dict[str, dict[str, list[bool]]] = {}
+    for task, image, answer, reference in rows:
+        right = mme_label(answer) == reference.strip().lower()
+        by_task.setdefault(task, {}).setdefault(image, []).append(right)
+    subtasks = {}
+    for task, images in by_task.items():
+        answers = [right for rights in images.values() for right in rights]
+        accuracy = sum(answers) / len(answers)
+        plus = sum(all(rights) for rights in images.values()) / len(images)
+        subtasks[task] = {
+            "questions": len(answers),
+            "images": len(images),
+            "accuracy": accuracy,
+            "accuracy_plus": plus,
+            "score": 100 * (accuracy + plus),
+        }
+    return {
+        "subtasks": subtasks,
+        "perception": sum(s["score"] for t, s in subtasks.items() if t in MME_PERCEPTION),
+        "cognition": sum(s["score"] for t, s in subtasks.items() if t in MME_COGNITION),
+    }
+
+
+def hallusion_scores(rows: Sequence[tuple[str, str, str, str, str, bool]]) -> dict[str, Any]:
+    """HallusionBench's three accuracies from ``(category, subcategory, set_id, figure_id, question_id,
+    correct)`` rows: ``aAcc`` over questions, ``fAcc`` over figures (every question about the figure
+    right) and ``qAcc`` over questions asked of several figures (right on every figure).
+
+    Example:
+        >>> rows = [("VD", "illusion", "0", "0", "0", True), ("VD", "illusion", "0", "0", "1", False),
+        ...         ("VD", "illusion", "0", "1", "0", True), ("VD", "illusion", "0", "1", "1", True)]
+        >>> scores = hallusion_scores(rows)
+        >>> scores["aAcc"], scores["fAcc"], scores["qAcc"]
+        (0.75, 0.5, 0.5)
+    """
+    figures: dict[tuple[str, ...], list[bool]] = {}
+    questions: dict[tuple[str, ...], list[bool]] = {}
+    for category, subcategory, set_id, figure_id, question_id, correct in rows:
+        figures.setdefault((category, subcategory, set_id, figure_id), []).append(correct)
+        questions.setdefault((category, subcategory, set_id, question_id), []).append(correct)
+    return {
+        "questions": len(rows),
+        "aAcc": _ratio(sum(correct for *_, correct in rows), len(rows)),
+        "fAcc": _ratio(sum(all(group) for group in figures.values()), len(figures)),
+        "qAcc": _ratio(sum(all(group) for group in questions.values()), len(questions)),
+    }
+
+
+_CHOICE = re.compile(r"^\s*\(?([A-Z])\)?(?:[\s.:,)]|$)")
+
+
+def choice_of(answer: str, options: Sequence[str]) -> str | None:
+    """The option letter an answer picks: a leading ``B``, ``(B)``, ``B.`` or ``B)``, else the letter of the
+    option whose text the answer is (after :func:`normalize_short_answer`), else ``None``.
+
+    Example:
+        >>> options = ["red", "blue", "green", "white"]
+        >>> choice_of("(B) blue", options), choice_of("Green.", options), choice_of("I am not sure", options)
+        ('B', 'C', None)
+    """
+    letters = [chr(ord("A") + index) for index in range(len(options))]
+    found = _CHOICE.match(answer)
+    if found and found.group(1) in letters:
+        return found.group(1)
+    wanted = normalize_short_answer(answer)
+    for letter, option in zip(letters, options):
+        if normalize_short_answer(option) == wanted:
+            return letter
+    return None

@@ -101,3 +101,12 @@ class EvalOutputLockedError(EvalOutputError):
 class EvalRunError(ApiPromptingError, RuntimeError):
     """The evaluated model (or the attributor) failed on some questions; every answer obtained before the
     failure is saved, and ``--resume`` continues the run."""
+
+
+class TargetUnavailableError(ApiPromptingError, ValueError):
+    """A served target (``openai:MODEL@BASE_URL``, ``ollama:MODEL@HOST``) is misconfigured, cannot be reached
+    or does not serve the model; the message says what to set."""
+
+
+class EngineUnavailableError(ApiPromptingError, RuntimeError):
+    """The Ray engine cannot run: Ray is not installed, or the cluster at the given address cannot be joined."""
