@@ -96,6 +96,19 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _shares_weights(name_or_path: str) -> bool:
+    """Whether a model named for ``ChatTransformersVLM`` is a local checkpoint (or the demo) of an LVLM family
+    the registry serves; hub ids load directly (their download rules are the chat model's own)."""
+    from transformers import AutoConfig
+
+    from api_tool.families import lvlm_family_of_config
+
+    path = Path(resolve_model_path(name_or_path))
+    if not (path / "config.json").is_file():
+        return False
+    return lvlm_family_of_config(AutoConfig.from_pretrained(path, local_files_only=True)) is not None
+
+
 def parse_tool_calls(text: str, tool_names: Sequence[str]) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
     """Split generated text into ``(remaining text, tool calls, invalid tool calls)``.
 
@@ -327,8 +340,18 @@ class ChatTransformersVLM(BaseChatModel):
         return params
 
     def load(self) -> Any:
-        """The transformers model, loading it (and the processor) on first call."""
+        """The transformers model, loading it (and the processor) on first call.
+
+        A local model of a family in ``api_tool.families`` (``"demo"`` included) comes from the shared
+        registry (``api_tool.backends.registry.shared_model``), so an attributor over the same model
+        (``get_attributor("lvlm:...")``, self-attribution) holds the same copy of the weights.
+        """
         with self._load_lock:
+            if self.hf_model is None and self.processor is None and _shares_weights(self.model):
+                from api_tool.backends.registry import shared_model
+
+                model, self.processor = shared_model(f"lvlm:{self.model}", device=self.device, dtype=self.dtype)
+                self.hf_model = model.eval()
             if self.hf_model is None or self.processor is None:
                 from transformers import AutoModelForImageTextToText, AutoProcessor
 

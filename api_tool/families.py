@@ -272,7 +272,11 @@ def lvlm_family_of(config: Any, allowed: Sequence[str] | None = None, model_clas
 
 def lvlm_family_of_model(model: object) -> Family | None:
     """The LVLM family of a loaded model, or ``None`` when it belongs to none (a remote chat model)."""
-    config = getattr(model, "config", None)
+    return lvlm_family_of_config(getattr(model, "config", None))
+
+
+def lvlm_family_of_config(config: object) -> Family | None:
+    """The LVLM family of an HF config (by ``model_type``), or ``None`` when it belongs to none."""
     model_type = getattr(config, "model_type", None)
     return next((entry for entry in lvlm_families() if model_type in entry.model_types), None)
 

@@ -123,19 +123,53 @@ def get_attributor(spec: str | Attributor | None = None, **options: object) -> A
         options["dtype"] = resolve_dtype(options.get("dtype"), device)  # type: ignore[arg-type]
     described = {"device": str(device), **{name: repr(value) for name, value in options.items()}}
     key = (parsed, tuple(sorted(described.items())))
-    model_key = (parsed, tuple(sorted((n, v) for n, v in described.items() if n in MODEL_OPTIONS)))
     with _lock:
         if key in _attributors:
             return _attributors[key]
-        shared = _models.setdefault(model_key, _Shared(threading.Lock()))
+    shared = _shared(parsed, described)
     with shared.lock:
         if shared.loaded is None:
             shared.loaded = _load(parsed, device, options)
         attributor = _bind(parsed, shared.loaded, device, options)
     with _lock:
-        if _models.get(model_key) is not shared:  # clear_cache() ran meanwhile: share nothing stale
+        if _models.get(_model_key(parsed, described)) is not shared:  # clear_cache() ran meanwhile
             return attributor
         return _attributors.setdefault(key, attributor)
+
+
+def shared_model(spec: str, device: str | torch.device | None = None, dtype: object = None) -> tuple[Any, Any]:
+    """The model of an LVLM spec (``"lvlm:<dir | id | demo>"``) with its processor, loaded once per model,
+    device and dtype and shared with every attributor over it: ``ChatTransformersVLM`` takes its weights
+    here, so a chat model and the attributor scoring its answers hold one copy.
+
+    Example:
+        >>> model, processor = shared_model("lvlm:demo", device="cpu")  # doctest: +SKIP
+        >>> get_attributor("lvlm:demo", device="cpu").model is model  # doctest: +SKIP
+        True
+    """
+    from api_tool.backends.lvlm import resolve_dtype
+
+    parsed = AttributorSpec.parse(spec)
+    if parsed.backend not in LVLM_BACKENDS:
+        raise InvalidParameterError(f"shared_model takes an LVLM spec ('lvlm:<dir or id>'), got {spec!r}")
+    chosen = _normalised_device(device)  # type: ignore[arg-type]
+    options = {"dtype": resolve_dtype(dtype, chosen)}  # type: ignore[arg-type]
+    shared = _shared(parsed, {"device": str(chosen), "dtype": repr(options["dtype"])})
+    with shared.lock:
+        if shared.loaded is None:
+            shared.loaded = _load(parsed, chosen, options)
+        return shared.loaded
+
+
+def _model_key(spec: AttributorSpec, described: dict[str, str]) -> tuple[AttributorSpec, tuple[tuple[str, str], ...]]:
+    """What identifies loaded weights: the model (``llava:`` and ``lvlm:`` name the same weights), device and dtype."""
+    weights = AttributorSpec("lvlm", spec.model) if spec.backend in LVLM_BACKENDS else spec
+    return weights, tuple(sorted((name, value) for name, value in described.items() if name in MODEL_OPTIONS))
+
+
+def _shared(spec: AttributorSpec, described: dict[str, str]) -> _Shared:
+    with _lock:
+        return _models.setdefault(_model_key(spec, described), _Shared(threading.Lock()))
 
 
 def clear_cache() -> None:

@@ -129,3 +129,16 @@ def test_the_library_imports_nothing_from_agents() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stderr
+
+
+def test_a_chat_model_and_attributors_share_one_copy_of_the_weights(saved_llava: TinyLlava) -> None:
+    from agents.chat_models import ChatTransformersVLM
+    from api_tool.backends import registry
+
+    registry.clear_cache()
+    chat = ChatTransformersVLM.from_pretrained(str(saved_llava.directory), device="cpu")
+    lvlm = get_attributor(f"lvlm:{saved_llava.directory}", device="cpu", layer=1)
+    llava = get_attributor(f"llava:{saved_llava.directory}", device="cpu", layer=0)
+    assert lvlm.model is chat.hf_model and llava.model is chat.hf_model  # type: ignore[attr-defined]
+    assert registry.shared_model(f"lvlm:{saved_llava.directory}", device="cpu")[0] is chat.hf_model
+    registry.clear_cache()
