@@ -22,6 +22,7 @@ from agents.datasets import convert_pope, load_jsonl
 from agents.eval import main, quiet_progress_bars
 from agents.eval_runner import evaluate
 from agents.results_log import LOCK_FILE, ResultsLog, lock_output
+from api_tool.backends import registry
 from api_tool.errors import DatasetError, EvalOutputError, EvalOutputLockedError
 from tests.tiny_models import tiny_llava
 from tests.unit_tests.test_eval import RuleTarget, make_items, options, read_results, write_lines
@@ -190,5 +191,6 @@ def test_no_progress_hides_the_weight_loading_bar(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert "Loading weights" not in err and "it/s]" not in err
     assert transformers_logging.is_progress_bar_enabled()  # the global setting is back as it was
+    registry.clear_cache()  # the chat model's weights are shared through the registry: load them again
     assert main([*argv[:-1], "--resume"]) == 0  # the control: without --no-progress the bar shows
     assert "Loading weights" in capsys.readouterr().err
