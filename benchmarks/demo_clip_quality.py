@@ -1,4 +1,4 @@
-"""How good is the demo CLIP, and do its API maps point at the queried object?
+"""How good is the demo CLIP (or another saved demo model), and do its API maps point at the queried object?
 
 Measured on held-out synthetic scenes (seeds from ``--seed-base``, a stream the training never draws):
 
@@ -12,9 +12,17 @@ Measured on held-out synthetic scenes (seeds from ``--seed-base``, a stream the 
      object's box;
    * energy: the share of the mask's sum inside the box;
    * baseline: box area / image area (what a random point or a uniform mask scores).
+3. With ``--choose``: the layer, combine mode and ``enhance_coe`` are first chosen on development scenes
+   (``--dev-seed-base``, 2,000,000 on: the same kinds of scenes and queries, disjoint from the test
+   scenes) as the best mean pointing over the two canvas kinds among ``--choose-layers`` x ``--modes`` x
+   ``--choose-coes`` (the coefficient only sharpens the cls and paper modes); the test scenes are then
+   measured at the chosen layer and coefficient, and the chosen mode is reported, never re-chosen on them.
+
+``--weights DIR`` evaluates any demo model saved by ``training.train_clip`` (the CLS-token demo CLIP or
+the SigLIP-style attention-pool demo), on the same scenes and queries.
 
 Usage:
-    python benchmarks/demo_clip_quality.py [--scenes 200] [--weights DIR] [--json out.json]
+    python benchmarks/demo_clip_quality.py [--scenes 200] [--weights DIR] [--choose] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -36,6 +44,10 @@ from api_tool.maps import COMBINE_MODES
 
 DEFAULT_QUERY = "where is the {name}?"
 NON_SQUARE_SIZES: tuple[tuple[int, int], ...] = ((320, 224), (224, 320), (384, 224), (256, 384), (352, 256))
+SHARPENED_MODES = ("paper", "cls")
+"""The combine modes ``enhance_coe`` acts on (``api_tool.maps.combine_maps``)."""
+CANVASES = (("square", True), ("non-square", False))
+CANVAS_SEED_OFFSET = {"square": 0, "non-square": 100_000}
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,22 @@ class PointingResult:
     pointing: float
     energy: float
     baseline: float
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One attribution setting's pointing on the development scenes (``enhance_coe`` ``None``: unused)."""
+
+    layer: int
+    mode: str
+    enhance_coe: float | None
+    square: float
+    non_square: float
+
+    @property
+    def mean(self) -> float:
+        """Mean pointing over the two canvas kinds (what the choice maximises)."""
+        return 0.5 * (self.square + self.non_square)
 
 
 def held_out_scenes(count: int, seed_base: int, square: bool) -> list[Scene]:
@@ -101,6 +129,47 @@ def pointing_game(
     ]
 
 
+def choose_setting(
+    model: torch.nn.Module,
+    tokenizer: object,
+    device: str,
+    layers: Sequence[int],
+    coes: Sequence[float],
+    modes: Sequence[str],
+    scenes: int,
+    seed_base: int,
+    query: str = DEFAULT_QUERY,
+) -> tuple[Setting, list[Setting]]:
+    """Pointing of every (layer, mode, coefficient) on ``scenes`` development scenes per canvas kind; the
+    best by mean pointing (ties: the first in the order given) and all rows."""
+    development = {
+        canvas: held_out_scenes(scenes, seed_base + CANVAS_SEED_OFFSET[canvas], square) for canvas, square in CANVASES
+    }
+    rows = []
+    for layer in layers:
+        attributor = ClipAttributor(
+            "demo", layer=layer, device=device, model=model, tokenizer=tokenizer, cache_size=2 * scenes
+        )
+        for index, coe in enumerate(coes):
+            attributor.enhance_coe = coe
+            measured = [mode for mode in modes if mode in SHARPENED_MODES or index == 0]
+            found = {
+                canvas: {r.mode: r.pointing for r in pointing_game(attributor, kept, canvas, measured, query)}
+                for canvas, kept in development.items()
+            }
+            rows.extend(
+                Setting(
+                    layer=layer,
+                    mode=mode,
+                    enhance_coe=coe if mode in SHARPENED_MODES else None,
+                    square=found["square"][mode],
+                    non_square=found["non-square"][mode],
+                )
+                for mode in measured
+            )
+    return max(rows, key=lambda row: row.mean), rows
+
+
 @torch.inference_mode()
 def retrieval_top1(attributor: ClipAttributor, count: int, seed_base: int, group: int = 100) -> dict[str, float]:
     """Caption -> image and image -> caption top-1 among ``group`` on mixed-canvas held-out scenes."""
@@ -127,19 +196,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=200, help="scenes per canvas kind for the pointing game")
     parser.add_argument("--retrieval-scenes", type=int, default=1000, help="held-out scenes for top-1 (x100)")
     parser.add_argument("--seed-base", type=int, default=1_000_000)
-    parser.add_argument("--weights", default=None, help="demo CLIP folder (default: the shipped weights)")
+    parser.add_argument("--weights", default=None, help="a saved demo model's folder (default: the demo CLIP)")
     parser.add_argument("--layer", type=int, default=None, help="default: the demo model's recommended block")
     parser.add_argument("--enhance-coe", type=float, default=None, help="default: the demo model's recommended")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", nargs="+", default=list(COMBINE_MODES))
     parser.add_argument("--query", default=DEFAULT_QUERY, help="question template ({name}, {a}: its article)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--choose", action="store_true", help="choose layer, mode and coe on development scenes")
+    parser.add_argument("--dev-seed-base", type=int, default=2_000_000, help="development scenes (with --choose)")
+    parser.add_argument("--dev-scenes", type=int, default=100, help="development scenes per canvas kind")
+    parser.add_argument("--choose-layers", type=int, nargs="+", default=None, help="default: every block")
+    parser.add_argument("--choose-coes", type=float, nargs="+", default=[2.0, 3.0, 5.0, 10.0])
     args = parser.parse_args(argv)
+    if args.choose and (args.layer is not None or args.enhance_coe is not None):
+        parser.error("--choose picks the layer and enhance_coe; leave --layer and --enhance-coe out")
 
     started = time.time()
     model, tokenizer = load_demo_clip(args.device, args.weights)
+    chosen, development = None, []
+    if args.choose:
+        blocks = model.visual.transformer.resblocks  # every demo model is an open_clip VisionTransformer
+        chosen, development = choose_setting(
+            model, tokenizer, args.device, args.choose_layers or list(range(-1, -len(blocks) - 1, -1)),
+            args.choose_coes, args.modes, args.dev_scenes, args.dev_seed_base, args.query,
+        )  # fmt: skip
+        print(f"development scenes ({args.dev_scenes} per canvas kind, seeds {args.dev_seed_base}+):")
+        print("| layer | combine | enhance_coe | square | non-square | mean |\n|---|---|---|---|---|---|")
+        for row in development:
+            coe = "-" if row.enhance_coe is None else f"{row.enhance_coe:g}"
+            print(f"| {row.layer} | {row.mode} | {coe} | {row.square:.3f} | {row.non_square:.3f} | {row.mean:.3f} |")
+        print(f"chosen: layer {chosen.layer}, combine {chosen.mode}, enhance_coe {chosen.enhance_coe}\n")
+    layer_arg = chosen.layer if chosen is not None else args.layer
+    coe_arg = chosen.enhance_coe if chosen is not None and chosen.enhance_coe is not None else args.enhance_coe
     attributor = ClipAttributor(
-        "demo", layer=args.layer, device=args.device, enhance_coe=args.enhance_coe, model=model, tokenizer=tokenizer
+        "demo", layer=layer_arg, device=args.device, enhance_coe=coe_arg, model=model, tokenizer=tokenizer
     )
     layer = attributor.layer - len(attributor.blocks)
     retrieval = retrieval_top1(attributor, args.retrieval_scenes, args.seed_base + 500_000)
@@ -148,12 +239,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"  image->caption top-1 {retrieval['image_to_caption_top1']:.3f}  (chance 0.010)")
 
     results = []
-    for canvas, square in (("square", True), ("non-square", False)):
-        scenes = held_out_scenes(args.scenes, args.seed_base + (0 if square else 100_000), square)
+    for canvas, square in CANVASES:
+        scenes = held_out_scenes(args.scenes, args.seed_base + CANVAS_SEED_OFFSET[canvas], square)
         results.extend(pointing_game(attributor, scenes, canvas, args.modes, args.query))
+    pooling = type(attributor.tower.pooling).__name__
     print(
-        f"\npointing game, layer {layer}, enhance_coe {attributor.enhance_coe:g}, {args.scenes} scenes per canvas"
-        f" kind, 2-5 objects, query {args.query!r}:"
+        f"\npointing game ({pooling}), layer {layer}, enhance_coe {attributor.enhance_coe:g}, {args.scenes} scenes per"
+        f" canvas kind, 2-5 objects, query {args.query!r}:"
     )
     print("| combine | canvas | queries | pointing | energy in box | random baseline |")
     print("|---|---|---|---|---|---|")
@@ -161,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {r.mode} | {r.canvas} | {r.queries} | {r.pointing:.3f} | {r.energy:.3f} | {r.baseline:.3f} |")
     best = max(args.modes, key=lambda m: np.mean([r.pointing for r in results if r.mode == m]))
     print(f"\nbest combine mode by mean pointing: {best}  ({time.time() - started:.0f}s)")
+    if chosen is not None:
+        test = {r.canvas: r.pointing for r in results if r.mode == chosen.mode}
+        print(f"mode chosen on development scenes, {chosen.mode}: square {test['square']:.3f}, ", end="")
+        print(f"non-square {test['non-square']:.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
@@ -172,6 +268,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "enhance_coe": attributor.enhance_coe,
                     "query": args.query,
                     "weights": args.weights or "shipped",
+                    "pooling": pooling,
+                    **(
+                        {
+                            "chosen": asdict(chosen),
+                            "development": [asdict(row) for row in development],
+                            "dev_seed_base": args.dev_seed_base,
+                            "dev_scenes": args.dev_scenes,
+                        }
+                        if chosen is not None
+                        else {}
+                    ),
                 },
                 handle,
                 indent=1,

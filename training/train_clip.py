@@ -19,6 +19,15 @@ Recipe (what each part is for):
   API reads, second-to-last by default) goes through ``ln_post`` and ``proj`` and gets the same loss,
   so that block's attention output to CLS is itself aligned with the text.
 
+* Optional SigLIP-style variant (``--loss sigmoid --pool attention --aux-weight 0``): SigLIP's pairwise
+  sigmoid loss with a learned bias (every (image, text) pair is a binary problem, positive where the
+  text describes the image by the same multi-positive mask), and open_clip's attention-pool head
+  (``CLIPVisionCfg(attentional_pool=True)``: one learned probe attends over all final tokens, then
+  ``ln_post`` and ``proj``; no MLP, so API decomposes the pooled embedding exactly). The pooled head has
+  no CLS token after a block to supervise, so deep supervision is refused with it; the probe's map is
+  read from the final tokens, which the loss trains directly. The bias is a parameter of the loss, not
+  of the model: it is saved in ``config.json``'s metadata (``logit_bias``).
+
 * Optional second stage (``--init DIR``): start from a saved demo CLIP, with its positional
   embeddings resized (open_clip's ``resize_pos_embed``) when ``--image-size`` differs, so a model
   trained at 224 px can be refined at a finer patch grid.
@@ -32,7 +41,11 @@ Example:
     python -m training.train_clip --init /tmp/clip224 --image-size 288 --lr 3e-4 --warmup 200 \
         --steps 9000 --max-seconds 440 --out api_tool/demo/weights/clip
 
-These are the shipped model's two stages (the second stopped by time at step 5,711 on an H200; each
+The SigLIP-style variant (one stage, from scratch, at 288 px):
+    python -m training.train_clip --loss sigmoid --pool attention --aux-weight 0 --image-size 288 \
+        --steps 9000 --workers 14 --max-seconds 360 --out /tmp/siglip
+
+The first two are the shipped demo CLIP's two stages (the second stopped by time at step 5,711 on an H200; each
 saved ``config.json`` records its flags and the first stage's). With ``--max-seconds`` the schedule
 depends on the machine's speed, so a rerun elsewhere draws the same data but not the same curve.
 """
@@ -81,6 +94,15 @@ from api_tool.demo.scenes import (
 from api_tool.errors import InvalidParameterError
 from training.flags import parse_config
 
+LOSSES = ("contrastive", "sigmoid")
+POOLS = ("token", "attention")
+ATTENTION_POOL_CFG: dict[str, Any] = {"attentional_pool": True, "attn_pooler_queries": 1, "attn_pooler_heads": 4}
+"""The attention-pool head of ``--pool attention``: open_clip's CoCa-style pool with one probe (query 0 is all
+``_global_pool`` keeps) of 4 heads over the tower's tokens, width ``embed_dim``."""
+SIGMOID_INIT_SCALE = 10.0
+SIGMOID_INIT_BIAS = -10.0
+"""SigLIP's initial temperature and bias (Zhai et al., 2023): at the start every pair reads as a negative."""
+
 WILD_COLOUR = len(COLOUR_NAMES)
 WILD_SHAPE = len(SHAPES)
 ANY_OBJECT = (WILD_COLOUR, WILD_SHAPE)
@@ -97,7 +119,9 @@ class TrainConfig:
     a guard for fixed-length machine leases. The cosine learning-rate schedule then follows whichever
     of ``steps`` and ``max_seconds`` runs out first, so a cut-short run still ends annealed.
     ``image_size`` overrides the architecture's input side (a multiple of the patch size); ``init`` is
-    a demo CLIP folder to start from (empty: random initialisation).
+    a demo CLIP folder to start from (empty: random initialisation). ``loss`` is ``"contrastive"`` or
+    ``"sigmoid"`` (SigLIP's), ``pool`` is ``"token"`` (CLS) or ``"attention"`` (attention-pool head, which
+    needs ``aux_weight`` 0).
     """
 
     steps: int = 6000
@@ -118,6 +142,19 @@ class TrainConfig:
     log_every: int = 100
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = "api_tool/demo/weights/clip"
+    loss: str = "contrastive"
+    pool: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise InvalidParameterError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.pool not in POOLS:
+            raise InvalidParameterError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.pool == "attention" and self.aux_weight > 0:
+            raise InvalidParameterError(
+                "deep supervision reads the CLS token after a block, which the attention-pool head does not pool; "
+                "pass --aux-weight 0 with --pool attention"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +319,21 @@ def contrastive_loss(
     return 0.5 * (image_to_text + text_to_image[has_positive].mean())
 
 
+def sigmoid_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, positive: torch.Tensor
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss over every (text, image) pair, summed and divided by the images.
+
+    ``-(1 / n) sum_{t, i} log sigmoid(z_ti (scale <text_t, image_i> + bias))`` with ``z_ti = +1`` where
+    ``positive[t, i]`` (the text describes the image) and ``-1`` elsewhere (hard negatives: everywhere).
+    ``image`` ``(n, E)`` and ``text`` ``(T, E)`` are normalised; the logits are computed in float32.
+    """
+    with torch.autocast(image.device.type, enabled=False):
+        logits = scale.float() * text.float() @ image.float().T + bias.float()  # (T, n)
+        signs = positive.float() * 2.0 - 1.0
+        return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+
+
 class ClsAfterBlock:
     """Captures the CLS token after one visual block (forward hook)."""
 
@@ -348,14 +400,17 @@ def evaluate(model: torch.nn.Module, held_out: HeldOut, group: int = 100) -> dic
 # ----------------------------------------------------------------------------------------------
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, object]]:
+def _param_groups(
+    model: torch.nn.Module, weight_decay: float, extra: Sequence[torch.nn.Parameter] = ()
+) -> list[dict[str, object]]:
+    """AdamW groups: matrices decay; vectors, embeddings, the temperature and ``extra`` (the loss's bias) do not."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding"):
             no_decay.append(param)
         else:
             decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay + list(extra), "weight_decay": 0.0}]
 
 
 def cosine_lr(peak: float, step: int, elapsed: float, config: TrainConfig) -> float:
@@ -366,14 +421,17 @@ def cosine_lr(peak: float, step: int, elapsed: float, config: TrainConfig) -> fl
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def architecture_for(image_size: int) -> dict[str, Any]:
-    """``DEMO_CLIP_ARCHITECTURE`` with the vision tower's input side set to ``image_size``."""
+def architecture_for(image_size: int, pool: str = "token") -> dict[str, Any]:
+    """``DEMO_CLIP_ARCHITECTURE`` with the vision tower's input side set to ``image_size``, pooling with
+    the CLS token (``"token"``) or the attention-pool head (``"attention"``, ``ATTENTION_POOL_CFG``)."""
     patch = DEMO_CLIP_ARCHITECTURE["vision_cfg"]["patch_size"]
     if image_size <= 0 or image_size % patch:
         raise InvalidParameterError(
             f"image_size must be a positive multiple of the patch size {patch}, got {image_size}"
         )
     vision = {**DEMO_CLIP_ARCHITECTURE["vision_cfg"], "image_size": image_size}
+    if pool == "attention":
+        vision.update(ATTENTION_POOL_CFG)
     return {**DEMO_CLIP_ARCHITECTURE, "vision_cfg": vision}
 
 
@@ -394,12 +452,19 @@ def train(config: TrainConfig) -> dict[str, float]:
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     tokenize = CompactTokenizer.for_scene_language(DEMO_CLIP_ARCHITECTURE["text_cfg"]["context_length"])
-    architecture = architecture_for(config.image_size)
+    architecture = architecture_for(config.image_size, config.pool)
     model = build_demo_clip(tokenize.vocab_size, architecture)
     init_metadata = load_initial_weights(model, config.init, tokenize) if config.init else None
     model = model.to(device).train()
+    sigmoid = config.loss == "sigmoid"
+    initial_bias = (init_metadata or {}).get("logit_bias", SIGMOID_INIT_BIAS)
+    logit_bias = torch.nn.Parameter(torch.tensor(float(initial_bias), device=device))
+    if sigmoid and not config.init:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(SIGMOID_INIT_SCALE))
     print(f"params: {sum(p.numel() for p in model.parameters()):,}; vocab {tokenize.vocab_size}; {asdict(config)}")
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = _param_groups(model, config.weight_decay, [logit_bias] if sigmoid else [])
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
 
     def lr_at(step: int, elapsed: float) -> float:
         if step < config.warmup:
@@ -437,7 +502,10 @@ def train(config: TrainConfig) -> dict[str, float]:
             image = model.encode_image(inputs, normalize=True)
             text = model.encode_text(tokens, normalize=True)
             scale = model.logit_scale.exp()
-            loss = contrastive_loss(image, text, scale, positive)
+            if sigmoid:
+                loss = sigmoid_loss(image, text, scale, logit_bias, positive)
+            else:
+                loss = contrastive_loss(image, text, scale, positive)
             if aux is not None:
                 assert aux.value is not None
                 aux_image = F.normalize(model.visual.ln_post(aux.value) @ model.visual.proj, dim=-1)
@@ -450,9 +518,10 @@ def train(config: TrainConfig) -> dict[str, float]:
             model.logit_scale.clamp_(0, math.log(100))
         if step % config.log_every == 0:
             elapsed = time.time() - started
+            bias_text = f"  bias {float(logit_bias.detach()):6.2f}" if sigmoid else ""
             print(
-                f"step {step:6d}  loss {float(loss.detach()):.4f}  scale {float(scale.detach()):6.2f}  lr {lr:.2e}  "
-                f"{(step + 1) * config.batch / max(elapsed, 1e-9):7.0f} img/s  {elapsed:6.0f}s",
+                f"step {step:6d}  loss {float(loss.detach()):.4f}  scale {float(scale.detach()):6.2f}{bias_text}  "
+                f"lr {lr:.2e}  {(step + 1) * config.batch / max(elapsed, 1e-9):7.0f} img/s  {elapsed:6.0f}s",
                 flush=True,
             )
         if (step + 1) % config.eval_every == 0:
@@ -472,6 +541,7 @@ def train(config: TrainConfig) -> dict[str, float]:
             "held_out": metrics,
             "torch": torch.__version__,
             "init": init_metadata,
+            **({"logit_bias": float(logit_bias.detach())} if sigmoid else {}),
         },
     )
     print(f"final  {metrics}  saved to {out}")

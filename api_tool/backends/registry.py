@@ -3,6 +3,7 @@
 Specs:
 
 * ``None`` or ``"demo"``: the small CLIP shipped with the package (offline);
+* ``"demo-siglip"``: the second shipped demo, SigLIP-style (sigmoid loss, attention-pool head; offline);
 * ``"clip:<open_clip name>[@<pretrained tag or checkpoint path>]"``, e.g. ``"clip:ViT-L-14-336@openai"``,
   ``"clip:ViT-B-16-SigLIP2@/models/siglip2.pt"``; without a tag, ``openai`` where the model has it, else
   its first published tag (``webli`` for SigLIP); a bare open_clip name (``"ViT-B-32"``) means the same;
@@ -33,6 +34,8 @@ from api_tool.backends.base import Attributor, resolve_device
 from api_tool.errors import InvalidParameterError, UnknownModelError
 
 DEFAULT_SPEC = "demo"
+DEMO_SIGLIP_SPEC = "demo-siglip"
+DEMO_SPECS = (DEFAULT_SPEC, DEMO_SIGLIP_SPEC)
 LVLM_BACKENDS: dict[str, tuple[str, ...] | None] = {"llava": ("llava",), "lvlm": None}
 """Spec prefixes served by the LVLM mechanism, with the families each accepts (``None``: all of them)."""
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -50,15 +53,15 @@ class AttributorSpec:
     def parse(cls, spec: str | None) -> AttributorSpec:
         """Parse a spec string (see the module docstring)."""
         text = (spec or DEFAULT_SPEC).strip()
-        if text == "demo":
-            return cls("clip", "demo")
+        if text in DEMO_SPECS:
+            return cls("clip", text)
         backend, sep, rest = text.partition(":")
         if sep and backend in ("clip", "llava", "lvlm") and rest:
             if backend in ("llava", "lvlm"):
                 return cls(backend, rest)
             model, _, pretrained = rest.partition("@")
-            if model == "demo":
-                return cls("clip", "demo")
+            if model in DEMO_SPECS:
+                return cls("clip", model)
             return cls("clip", model, pretrained or default_pretrained(model))
         if text.startswith(("local-dir:", "hf:")):
             return cls("clip", text)
@@ -70,9 +73,9 @@ class AttributorSpec:
         if model in open_clip.list_models():
             return cls("clip", model, pretrained or default_pretrained(model))
         raise UnknownModelError(
-            f"unknown attributor {text!r}; use 'demo', 'clip:<open_clip model>[@<pretrained>]', 'hf:<hub id or local "
-            "dir>' (CLIP / SigLIP / SigLIP2), 'llava:<hub id or local dir>' or 'lvlm:<hub id or local dir>' (any "
-            "family of 'api-prompt models')"
+            f"unknown attributor {text!r}; use 'demo', 'demo-siglip', 'clip:<open_clip model>[@<pretrained>]', "
+            "'hf:<hub id or local dir>' (CLIP / SigLIP / SigLIP2), 'llava:<hub id or local dir>' or 'lvlm:<hub id or "
+            "local dir>' (any family of 'api-prompt models')"
         )
 
 
@@ -220,6 +223,11 @@ def _load(spec: AttributorSpec, device: torch.device, options: dict[str, object]
         families = LVLM_BACKENDS[spec.backend]
         model, processor = load_lvlm(spec.model, dtype, layer=options.get("layer"), families=families)  # type: ignore[arg-type]
         return model.to(device), processor
+    if spec.model == DEMO_SIGLIP_SPEC:
+        from api_tool.demo.clip_model import DEMO_SIGLIP_DIR, load_demo_clip
+
+        model, tokenizer = load_demo_clip(directory=DEMO_SIGLIP_DIR)
+        return model.to(device), (tokenizer, "demo")
     from api_tool.backends.clip import load_clip
 
     model, tokenizer, pretrained = load_clip(spec.model, spec.pretrained)

@@ -41,6 +41,9 @@ from api_tool.errors import WeightsUnavailableError
 
 DEMO_CLIP_DIR = Path(__file__).resolve().parent / "weights" / "clip"
 """Where the shipped demo CLIP lives: ``model.safetensors`` (fp16) and ``config.json``."""
+DEMO_SIGLIP_DIR = Path(__file__).resolve().parent / "weights" / "siglip"
+"""The second shipped demo, SigLIP-style (sigmoid loss, attention-pool head; ``training.train_clip --loss sigmoid
+--pool attention``), in the same format; its ``config.json`` carries its own ``attribution_defaults``."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -60,7 +63,8 @@ Chosen on a development set of held-out scenes (seeds 2,000,000+, disjoint from 
 Psi_cls alone beats the paper's merge (the inverted Psi_comp is a large-CLIP effect), the last block
 points better than the paper's second-to-last on this 6-block model, and a softer sigmoid (3 instead
 of the paper's 10) keeps several strong cells from saturating to ties. Measured numbers:
-``benchmarks/demo_clip_quality.py``.
+``benchmarks/demo_clip_quality.py``. A saved model whose ``config.json`` holds ``attribution_defaults``
+(the SigLIP demo) gets those instead.
 """
 
 PAD_ID = 0
@@ -180,7 +184,8 @@ def save_demo_clip(
 def load_demo_clip(
     device: str | torch.device | None = None, directory: str | Path | None = None
 ) -> tuple[open_clip.CLIP, Callable[[Sequence[str]], torch.Tensor]]:
-    """The shipped demo CLIP (float32, eval mode, on ``device``; CPU when ``None``) and its tokenizer.
+    """The shipped demo CLIP (float32, eval mode, on ``device``; CPU when ``None``) and its tokenizer, or the
+    demo saved in ``directory`` (``DEMO_SIGLIP_DIR``: the SigLIP-style demo).
 
     Raises ``WeightsUnavailableError`` when the weight files are missing.
 
@@ -207,5 +212,5 @@ def load_demo_clip(
     model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
     from api_tool.backends.clip import ATTRIBUTION_DEFAULTS_ATTRIBUTE
 
-    setattr(model, ATTRIBUTION_DEFAULTS_ATTRIBUTE, dict(DEMO_CLIP_RECOMMENDED))
+    setattr(model, ATTRIBUTION_DEFAULTS_ATTRIBUTE, dict(config.get("attribution_defaults", DEMO_CLIP_RECOMMENDED)))
     return model, tokenizer

@@ -1,4 +1,5 @@
-"""The demo CLIP's training script: the second stage starts exactly from the first stage's weights.
+"""The demo CLIP's training script: the second stage starts exactly from the first stage's weights; the
+SigLIP-style variant's loss is SigLIP's formula and its model has an attention pool API decomposes exactly.
 
 Random-weight demo CLIPs; no shipped weights, no network.
 """
@@ -6,21 +7,30 @@ Random-weight demo CLIPs; no shipped weights, no network.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
+from api_tool.backends.towers import tower_for
+from api_tool.backends.towers.base import ClsPooling, ProbePooling
 from api_tool.demo.clip_model import CompactTokenizer, build_demo_clip, load_demo_clip, save_demo_clip
 from api_tool.errors import InvalidParameterError
+from tests.tolerances import assert_sums_close
 from training.flags import parse_config
 from training.train_clip import (
+    ATTENTION_POOL_CFG,
     TrainConfig,
     architecture_for,
     cosine_lr,
     load_initial_weights,
     parse_args,
+    sigmoid_loss,
     train,
 )
 
@@ -116,3 +126,63 @@ def test_flags_need_a_plain_default_for_each_field() -> None:
 
     with pytest.raises(TypeError, match=r"Flagged\.ids needs an int, float or str default"):
         parse_config(Flagged, [], None)
+
+
+def test_sigmoid_loss_is_siglips_formula_over_every_pair() -> None:
+    generator = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    text = F.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    positive = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    scale, bias = 7.0, -2.5
+    expected = 0.0
+    for t in range(5):
+        for i in range(3):
+            z = 1.0 if positive[t, i] else -1.0
+            logit = scale * sum(float(text[t, e]) * float(image[i, e]) for e in range(8)) + bias
+            expected -= math.log(1.0 / (1.0 + math.exp(-z * logit)))
+    loss = sigmoid_loss(image, text, torch.tensor(scale), torch.tensor(bias), positive)
+    assert_sums_close(float(loss), expected / 3, n_terms=5 * 3 * 8)
+
+
+def test_attention_pool_model_has_one_probe_that_api_decomposes_exactly(tokenize: CompactTokenizer) -> None:
+    assert "attentional_pool" not in architecture_for(288)["vision_cfg"]
+    torch.manual_seed(0)
+    model = build_demo_clip(tokenize.vocab_size, architecture_for(64, "attention")).double().eval()
+    pool = model.visual.attn_pool
+    assert pool is not None and model.visual.attn_pool_contrastive is None
+    assert pool.query.shape == (1, 128) and pool.attn.num_heads == ATTENTION_POOL_CFG["attn_pooler_heads"]
+    tower = tower_for(model)
+    assert isinstance(tower.pooling, ProbePooling) and tower.pooling.branch is None
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 90, 3), dtype=np.uint8))
+    with torch.no_grad():
+        parts = tower.decompose(tower.batch([tower.prepare(image)]), len(tower.blocks) - 1, "first_order")
+    assert parts.terms.shape[1] == 1 + 4 * 4
+    assert_sums_close(parts.terms.sum(dim=1) + parts.bias, parts.embedding, n_terms=17 * 192 * 6, dtype=np.float64)
+    assert isinstance(tower_for(build_demo_clip(tokenize.vocab_size, architecture_for(64))).pooling, ClsPooling)
+
+
+def test_attention_pool_refuses_deep_supervision_and_unknown_names_are_refused() -> None:
+    with pytest.raises(InvalidParameterError, match="--aux-weight 0"):
+        TrainConfig(pool="attention")
+    with pytest.raises(InvalidParameterError, match="loss must be one of contrastive, sigmoid"):
+        TrainConfig(loss="softmax")
+    with pytest.raises(InvalidParameterError, match="pool must be one of token, attention"):
+        TrainConfig(pool="mean", aux_weight=0.0)
+    flags = ["--loss", "sigmoid", "--pool", "attention", "--aux-weight", "0"]
+    assert parse_args(flags) == TrainConfig(loss="sigmoid", pool="attention", aux_weight=0.0)
+
+
+def test_siglip_variant_trains_and_saves_a_loadable_model_with_its_bias(tmp_path: Path) -> None:
+    config = TrainConfig(
+        steps=2, batch=8, warmup=1, workers=0, eval_scenes=100, device="cpu", image_size=64,
+        loss="sigmoid", pool="attention", aux_weight=0.0, out=str(tmp_path / "siglip"),
+    )  # fmt: skip
+    metrics = train(config)
+    assert 0.0 <= metrics["t2i_top1"] <= 1.0
+    saved = json.loads((tmp_path / "siglip" / "config.json").read_text())
+    assert saved["architecture"]["vision_cfg"]["attentional_pool"] is True
+    assert saved["metadata"]["train_config"]["loss"] == "sigmoid"
+    assert saved["metadata"]["logit_bias"] == pytest.approx(-10.0, abs=0.01)
+    model, _ = load_demo_clip("cpu", tmp_path / "siglip")
+    assert float(model.logit_scale.detach().exp()) == pytest.approx(10.0, rel=0.01)
+    assert isinstance(tower_for(model).pooling, ProbePooling)
