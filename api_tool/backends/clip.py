@@ -404,10 +404,10 @@ def load_clip(model_name: str, pretrained: str | None) -> tuple[torch.nn.Module,
         >>> model, tokenizer, _ = load_clip("ViT-B-16-SigLIP2", "/models/siglip2.pt")  # doctest: +SKIP
         >>> model, processor, _ = load_clip("hf:google/siglip2-base-patch16-naflex", None)  # doctest: +SKIP
     """
-    if model_name == "demo":
-        from api_tool.demo.clip_model import load_demo_clip
+    if model_name in ("demo", "demo-siglip"):
+        from api_tool.demo.clip_model import DEMO_CLIP_DIR, DEMO_SIGLIP_DIR, load_demo_clip
 
-        model, tokenizer = load_demo_clip()
+        model, tokenizer = load_demo_clip(directory=DEMO_CLIP_DIR if model_name == "demo" else DEMO_SIGLIP_DIR)
         return model, tokenizer, "demo"
     if model_name.startswith(HF_PREFIX):
         model, processor = load_hf_dual_encoder(model_name[len(HF_PREFIX) :])

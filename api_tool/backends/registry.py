@@ -223,11 +223,6 @@ def _load(spec: AttributorSpec, device: torch.device, options: dict[str, object]
         families = LVLM_BACKENDS[spec.backend]
         model, processor = load_lvlm(spec.model, dtype, layer=options.get("layer"), families=families)  # type: ignore[arg-type]
         return model.to(device), processor
-    if spec.model == DEMO_SIGLIP_SPEC:
-        from api_tool.demo.clip_model import DEMO_SIGLIP_DIR, load_demo_clip
-
-        model, tokenizer = load_demo_clip(directory=DEMO_SIGLIP_DIR)
-        return model.to(device), (tokenizer, "demo")
     from api_tool.backends.clip import load_clip
 
     model, tokenizer, pretrained = load_clip(spec.model, spec.pretrained)
