@@ -12,6 +12,10 @@ Example:
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+# ``render`` names both a submodule and its function: importing the submodule (as ``api_tool.prompt``
+# does) would leave the module object under the package's ``render``, so the light function is bound now.
+from api_tool.render import render
+
 if TYPE_CHECKING:
     from api_tool.backends.base import Attributor
     from api_tool.backends.clip import ClipAttributor
@@ -21,7 +25,6 @@ if TYPE_CHECKING:
     from api_tool.images import encode_image, load_image
     from api_tool.maps import AttributionMap
     from api_tool.prompt import PromptedImage, attention_prompt, attention_prompt_many
-    from api_tool.render import render
     from api_tool.tool import AttentionPromptTool
 
 _MODULE_OF = {
@@ -37,7 +40,6 @@ _MODULE_OF = {
     "encode_image": "api_tool.images",
     "get_attributor": "api_tool.backends.registry",
     "load_image": "api_tool.images",
-    "render": "api_tool.render",
 }
 
 __all__ = [

@@ -256,3 +256,16 @@ def test_blank_questions_are_refused_before_the_model_loads(tiny_model_dir, imag
     assert main(argv) == 2
     assert "question 2: the query is empty" in capsys.readouterr().err
     assert sorted(path.name for path in (tmp_path / "o").glob("*.png")) == ["scene_q1.png"]
+
+
+def test_public_names_are_the_functions_even_after_their_modules_load() -> None:
+    script = (
+        "import api_tool.prompt, api_tool.images, api_tool.maps\n"
+        "import api_tool\n"
+        "from api_tool import render, attention_prompt, load_image, AttributionMap\n"
+        "names = (render, attention_prompt, load_image)\n"
+        "print(all(callable(f) and not isinstance(f, type(api_tool)) for f in names))\n"
+        "print(sorted(api_tool.__all__) == sorted(set(dir(api_tool)) & set(api_tool.__all__)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["True", "True"], result.stderr
