@@ -63,6 +63,7 @@ from api_tool.backends.image_feature_cache import share_image_features
 from api_tool.backends.lvlm_families.base import LvlmFamilyAdapter, PreparedPrompt, Tile
 from api_tool.errors import (
     FocusNotFoundError,
+    ImageTokenError,
     InvalidParameterError,
     InvalidQueryError,
     UnknownModelError,
@@ -593,6 +594,18 @@ def prompt_text(processor: Any, question: str) -> str:
     if getattr(processor, "chat_template", None):
         return str(processor.apply_chat_template(_conversation(question), add_generation_prompt=True))
     return LLAVA_15_PROMPT.format(image=processor.image_token, query=question)
+
+
+def single_image_prompt(processor: Any, question: str) -> str:
+    """``prompt_text`` checked to hold the processor's image placeholder exactly once, else ``ImageTokenError``."""
+    text = prompt_text(processor, question)
+    image_token = processor.image_token
+    if text.count(image_token) != 1:
+        raise ImageTokenError(
+            f"the rendered prompt holds {text.count(image_token)} {image_token!r} placeholders, expected "
+            f"exactly one; check the processor's chat template: {text!r}"
+        )
+    return text
 
 
 def answer_token_ids(processor: Any, prompt: str, question: str, answer: str) -> list[int]:

@@ -116,19 +116,13 @@ class LlavaFamily(FamilyAdapter):
 
     def prepare(self, model: torch.nn.Module, processor: Any, image: Image.Image, question: str) -> PreparedPrompt:
         """Letterbox the image onto the square input, render the chat prompt, find the grid's tokens."""
-        from api_tool.backends.lvlm import prompt_text
+        from api_tool.backends.lvlm import single_image_prompt
 
         vision = model.config.vision_config
         side = int(vision.image_size)
         grid = (side // int(vision.patch_size), side // int(vision.patch_size))
         letterbox = Letterbox.fit(image.size, side)
-        text = prompt_text(processor, question)
-        image_token = processor.image_token
-        if text.count(image_token) != 1:
-            raise ImageTokenError(
-                f"the rendered prompt holds {text.count(image_token)} {image_token!r} placeholders, expected "
-                f"exactly one; check the processor's chat template: {text!r}"
-            )
+        text = single_image_prompt(processor, question)
         mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         fill = tuple(round(255 * float(m)) for m in mean)
         encoded = processor(

@@ -405,15 +405,9 @@ class AnyresLlavaFamily(FamilyAdapter):
 
     def prepare(self, model: torch.nn.Module, processor: Any, image: Image.Image, question: str) -> PreparedPrompt:
         """The chat prompt with the original image through the family's processor, and the tiles."""
-        from api_tool.backends.lvlm import prompt_text
+        from api_tool.backends.lvlm import single_image_prompt
 
-        text = prompt_text(processor, question)
-        image_token = processor.image_token
-        if text.count(image_token) != 1:
-            raise ImageTokenError(
-                f"the rendered prompt holds {text.count(image_token)} {image_token!r} placeholders, expected "
-                f"exactly one; check the processor's chat template: {text!r}"
-            )
+        text = single_image_prompt(processor, question)
         rgb = image.convert("RGB")
         encoded = processor(images=rgb, text=text, return_tensors="pt", **image_processing_device(processor, model))
         layout = self.layout(model, rgb.size)

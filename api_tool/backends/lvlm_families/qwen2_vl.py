@@ -337,15 +337,9 @@ class Qwen2VLFamily(FamilyAdapter):
     def prepare(self, model: torch.nn.Module, processor: Any, image: Image.Image, question: str) -> PreparedPrompt:
         """Render the chat prompt, let the processor resize the whole image to its dynamic grid, and
         return the inputs (with ``image_grid_thw`` and ``mm_token_type_ids``) and the one tile."""
-        from api_tool.backends.lvlm import prompt_text
+        from api_tool.backends.lvlm import single_image_prompt
 
-        text = prompt_text(processor, question)
-        image_token = processor.image_token
-        if text.count(image_token) != 1:
-            raise ImageTokenError(
-                f"the rendered prompt holds {text.count(image_token)} {image_token!r} placeholders, expected "
-                f"exactly one; check the processor's chat template: {text!r}"
-            )
+        text = single_image_prompt(processor, question)
         rgb = image.convert("RGB")
         extra = resize_kwargs(processor.image_processor, self.max_pixels)
         encoded = processor(
