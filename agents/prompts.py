@@ -13,6 +13,9 @@ Reflection strategies (placeholders ``{question}`` and ``{answer}``, the previou
   reproduce the paper or with models that take one image only.
 * ``masked_hint``: as ``masked`` plus "the answer is related to the unmasked visible regions"
   (the authors' hint variant). Use it with single-image models that ignore a darkened background.
+* ``zoom`` (ViCrop-style): the original image and a crop of the attended region resized to the
+  target's input, then the question. Use it for small details in large images: the target sees the
+  downscaled whole and the detail at full resolution.
 * ``iterative``: the original image and the previous answer, no annotation: a text-only re-ask (the
   paper's baseline). Use it as the control that tells whether the annotation, not the second look,
   changed the answer.
@@ -30,8 +33,8 @@ from typing import Literal
 
 from api_tool.errors import InvalidParameterError
 
-StrategyName = Literal["verify", "masked", "masked_hint", "iterative"]
-ImageRole = Literal["original", "annotated"]
+StrategyName = Literal["verify", "masked", "masked_hint", "zoom", "iterative"]
+ImageRole = Literal["original", "annotated", "crop"]
 
 IMAGE_LABELS: dict[ImageRole, str] = {
     "original": "Original image:",
@@ -39,6 +42,7 @@ IMAGE_LABELS: dict[ImageRole, str] = {
         "The same image with the regions most relevant to the question kept and the rest darkened "
         "(an automatic estimate, which can be wrong):"
     ),
+    "crop": "A zoomed-in view of the region most relevant to the question (an automatic estimate, which can be wrong):",
 }
 
 VERIFY_TEMPLATE = """Question: {question}
@@ -50,6 +54,8 @@ End your reply with one line of the form:
 FINAL: <your answer>"""
 
 MASKED_TEMPLATE = "{question}"
+
+ZOOM_TEMPLATE = "{question}"
 
 MASKED_HINT_TEMPLATE = "{question} (Hint: The answer is related to the unmasked visible regions.)"
 
@@ -100,8 +106,9 @@ class ReflectionStrategy:
 
     @property
     def uses_annotation(self) -> bool:
-        """Whether the strategy shows the annotated image (if not, the loop skips the tool)."""
-        return "annotated" in self.images
+        """Whether the strategy shows the tool's output, the annotated image or the crop (if not, the loop
+        skips the tool)."""
+        return "annotated" in self.images or "crop" in self.images
 
     def render(self, *, question: str, answer: str) -> str:
         """The re-ask text."""
@@ -129,6 +136,13 @@ STRATEGIES: dict[str, ReflectionStrategy] = {
         images=("annotated",),
         needs_final_line=False,
         when_to_use="single-image models that should focus on the visible regions",
+    ),
+    "zoom": ReflectionStrategy(
+        name="zoom",
+        template=ZOOM_TEMPLATE,
+        images=("original", "crop"),
+        needs_final_line=False,
+        when_to_use="small details in large images: the original plus the attended region at full resolution",
     ),
     "iterative": ReflectionStrategy(
         name="iterative",

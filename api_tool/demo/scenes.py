@@ -149,6 +149,19 @@ class SceneConfig:
 
 DEFAULT_CONFIG = SceneConfig()
 
+SMALL_OBJECT_CONFIG = SceneConfig(
+    min_objects=6,
+    max_objects=12,
+    min_radius=0.016,
+    max_radius=0.03,
+    occlusion_probability=0.0,
+    min_side=1024,
+    max_side=1536,
+)
+"""The high-resolution small-object situation (V*Bench-like): large canvases (longer side 1024-1536 px),
+6-12 small objects (radius 1.6-3 % of the shorter side, so a few patches at most once an LVLM's 224-336 px
+input has downscaled the canvas) and no occlusion, so every object stays countable."""
+
 
 # ----------------------------------------------------------------------------------------------
 # Layouts: what is where, as tensors (sampled vectorised, on the CPU).
@@ -1028,6 +1041,33 @@ def scene_questions(
     return questions
 
 
+WHOLE_SCENE_TYPES: tuple[str, ...] = ("describe", "total_count")
+"""Questions about the whole scene (no one region answers them): a caption, the number of objects."""
+DESCRIBE_QUESTIONS: tuple[str, ...] = ("describe the image.", "what is in the image?", "describe the scene.")
+TOTAL_COUNT_QUESTIONS: tuple[str, ...] = (
+    "how many objects are there in all?",
+    "how many objects are in the image in total?",
+)
+
+
+def whole_scene_question(objects: Sequence[PlacedObject], kind: str, rng: random.Random) -> Question:
+    """A question of type ``kind`` (one of ``WHOLE_SCENE_TYPES``) about the whole scene, with its answer:
+    ``describe`` -> a caption naming every object (``describe``), ``total_count`` -> the object count.
+
+    Example:
+        >>> scene = generate_scene(0, n_objects=2)
+        >>> whole_scene_question(scene.objects, "total_count", random.Random(0)).answer
+        '2'
+    """
+    everything = tuple(name_of(o) for o in objects)
+    if kind == "describe":
+        caption = describe(objects, rng, relation_probability=0.0)
+        return Question(rng.choice(DESCRIBE_QUESTIONS), str(caption), kind, None, everything)
+    if kind == "total_count":
+        return Question(rng.choice(TOTAL_COUNT_QUESTIONS), str(len(objects)), kind, None, everything)
+    raise InvalidParameterError(f"kind must be one of {WHOLE_SCENE_TYPES}, got {kind!r}")
+
+
 def scene_vocabulary() -> tuple[str, ...]:
     """Every word and punctuation mark the captions, queries and questions above can produce."""
     words: set[str] = set(COLOUR_NAMES) | set(SHAPES) | set(PLURALS.values()) | set(NUMBER_WORDS)
@@ -1041,10 +1081,12 @@ def scene_vocabulary() -> tuple[str, ...]:
         + COLOUR_QUERY_TEMPLATES
         + PAIR_QUERY_TEMPLATES
         + ("is there {a} {x} in the image?", "how many objects are there?", "what shape is the {colour} object?")
+        + DESCRIBE_QUESTIONS
+        + TOTAL_COUNT_QUESTIONS
     )
     for template in templates:
         text = template
         for placeholder in ("{x}", "{a}", "{shape}", "{shapes}", "{colour}", "{y}", "{relation}"):
             text = text.replace(placeholder, " ")
-        words.update(text.replace("?", " ? ").replace(",", " , ").split())
+        words.update(text.replace("?", " ? ").replace(",", " , ").replace(".", " . ").split())
     return tuple(sorted(words))
