@@ -9,6 +9,9 @@ model, a file or LangChain. The post-processing reproduces the paper's reference
 * ``box_filter``: k x k mean filter with replicate padding (odd k)
 * ``soft_or``: a + b - a * b
 
+These NumPy functions are the literal reference; ``api_tool.backends.batched_maps`` computes the same
+merge on a batch of maps on the model's device and is tested against them.
+
 Example:
     >>> import numpy as np
     >>> from api_tool.maps import combine_maps
@@ -77,6 +80,23 @@ def soft_or(a: NDArray[np.floating], b: NDArray[np.floating]) -> FloatArray:
     return np.asarray(a, dtype=np.float64) + b - np.asarray(a, dtype=np.float64) * b
 
 
+def check_combine_options(combine: str, enhance_coe: float, kernel_size: int, *, has_comp: bool) -> None:
+    """``InvalidParameterError`` naming the problem for an unknown ``combine``, a non-positive
+    ``enhance_coe``, an even or non-positive ``kernel_size``, or a recipe that needs Psi_comp without it.
+
+    Example:
+        >>> check_combine_options("paper", 10.0, 3, has_comp=True)
+    """
+    if combine not in COMBINE_MODES:
+        raise InvalidParameterError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    if not enhance_coe > 0:
+        raise InvalidParameterError(f"enhance_coe must be positive (10 in the paper), got {enhance_coe}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise InvalidParameterError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    if combine != "cls" and not has_comp:
+        raise InvalidParameterError(f"combine={combine!r} needs a Psi_comp map; this backend gives only cls")
+
+
 def combine_maps(
     cls: NDArray[np.floating],
     comp: NDArray[np.floating] | None,
@@ -95,12 +115,7 @@ def combine_maps(
     * ``"comp"``: minmax(box(minmax(comp))), Psi_comp not inverted;
     * ``"comp_inverted"``: minmax(box(1 - minmax(comp))).
     """
-    if combine not in COMBINE_MODES:
-        raise InvalidParameterError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-    if not enhance_coe > 0:
-        raise InvalidParameterError(f"enhance_coe must be positive (10 in the paper), got {enhance_coe}")
-    if combine != "cls" and comp is None:
-        raise InvalidParameterError(f"combine={combine!r} needs a Psi_comp map; this backend gives only cls")
+    check_combine_options(combine, enhance_coe, kernel_size, has_comp=comp is not None)
     if combine in ("paper", "cls"):
         cls_part = box_filter(enhance(minmax(cls), enhance_coe), kernel_size)
         if combine == "cls":

@@ -45,10 +45,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from api_tool.backends.base import check_query, model_lock, resolve_device, resolve_layer
+from api_tool.backends.batched_maps import combine_maps_batched, merge_dtype, upsample_batched
+from api_tool.backends.device_letterbox import check_pixel_batch, decode_images, letterbox_pixels, upload_images
+from api_tool.backends.graphed_pass import GraphedPass
 from api_tool.backends.hub import HUB_HOST, hub_offline, hub_reachable
 from api_tool.backends.psi import POOL_MLP_MODES, PoolMlp, cls_contributions, linearized_layer_norm
 from api_tool.backends.towers import check_open_clip_config, tower_for
-from api_tool.backends.towers.base import LetterboxInput, PreparedImage, ProbePooling, VisionTower
+from api_tool.backends.towers.base import Decomposition, LetterboxInput, PreparedImage, ProbePooling, VisionTower
 from api_tool.backends.towers.hf import HF_PREFIX, hf_text_embeddings, is_hf_model, load_hf_dual_encoder
 from api_tool.errors import (
     InvalidParameterError,
@@ -58,13 +61,15 @@ from api_tool.errors import (
     WeightsUnavailableError,
 )
 from api_tool.geometry import GridBox, Letterbox
-from api_tool.images import ImageRef, load_image
-from api_tool.maps import AttributionMap, Combine, combine_maps
+from api_tool.images import ImageRef
+from api_tool.maps import AttributionMap, Combine, check_combine_options
 
 __all__ = [
+    "GRAPH_MAX_BATCH",
     "ClipAttributor",
     "ClipImageFeatures",
     "cls_contributions",
+    "default_projection_dtype",
     "encode_text_trimmed",
     "linearized_layer_norm",
     "load_clip",
@@ -74,6 +79,8 @@ __all__ = [
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
 LOCAL_DIR_PREFIX = "local-dir:"
+GRAPH_MAX_BATCH = 8
+"""Batches up to this size replay their image pass from a CUDA graph (launch-bound on a large GPU)."""
 DEFAULT_POOL_MLP: PoolMlp = "first_order"
 """How an attention pool's MLP is handed to the tokens by default. Measured on random-weight SigLIP towers
 (``benchmarks/pool_mlp_treatment.py``, results in ``benchmarks/results/pool_mlp_treatment_*.json``): the
@@ -150,6 +157,16 @@ class ClipAttributor:
             ``"residual"`` (see ``api_tool.backends.psi.split_branch``); CLS towers ignore it.
         model, tokenizer: an already-built model and its tokenizer (open_clip) or processor
             (transformers), to share one model; ``ClipAttributor.from_model`` is the short form.
+        preprocess_on_device: letterbox on the model's device (``api_tool.backends.device_letterbox``:
+            uint8 uploaded once, equal to Pillow's letterbox within one uint8 level) instead of with Pillow
+            on the CPU; ``None``: on any device but the CPU, where Pillow is faster.
+        projection_dtype: the dtype the Psi decomposition (the attention row, the frozen norms, the
+            projection) runs in; ``None``: a half-precision model's own dtype on a GPU, else float32.
+            fp16 moves the masks of ViT-L-14-336 by about 1e-3 from an fp32 decomposition of the same
+            forward (``benchmarks/clip_gpu_throughput.py`` prints the error it measures).
+        cuda_graphs: on a CUDA device, replay the image pass of batches up to ``GRAPH_MAX_BATCH`` images
+            from CUDA graphs captured per batch shape (``api_tool.backends.graphed_pass``; the same kernels,
+            a fraction of the launch cost); ``False``: always eager.
 
     Example:
         >>> attributor = ClipAttributor("ViT-B-32", pretrained=None, device="cpu")  # doctest: +SKIP
@@ -172,6 +189,9 @@ class ClipAttributor:
         *,
         model: torch.nn.Module | None = None,
         tokenizer: Tokenizer | Any | None = None,
+        preprocess_on_device: bool | None = None,
+        projection_dtype: torch.dtype | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         if model is None:
@@ -195,12 +215,17 @@ class ClipAttributor:
         self.enhance_coe = float(enhance_coe if enhance_coe is not None else recommended["enhance_coe"])
         self.kernel_size = kernel_size
         self.combine: Combine = combine if combine is not None else recommended["combine"]
-        combine_maps(np.zeros((2, 2)), np.zeros((2, 2)), combine=self.combine, kernel_size=kernel_size)
+        check_combine_options(self.combine, self.enhance_coe, kernel_size, has_comp=True)
         self.pool_mlp: PoolMlp = pool_mlp
         self.cache_size = cache_size
         self._cache: OrderedDict[str, ClipImageFeatures] = OrderedDict()
         self._lock = threading.Lock()
         self._forward_lock = model_lock(self.model)
+        self.preprocess_on_device = self.device.type != "cpu" if preprocess_on_device is None else preprocess_on_device
+        model_dtype = next(self.visual.parameters()).dtype
+        self.projection_dtype = projection_dtype or default_projection_dtype(model_dtype, self.device)
+        self._image_pass: GraphedPass[Decomposition] = GraphedPass(self._decompose_pixels, GRAPH_MAX_BATCH)
+        self._image_pass.enabled = cuda_graphs
 
     @classmethod
     def from_model(
@@ -228,7 +253,7 @@ class ClipAttributor:
         """One map per query on the same image: one (cached) image pass, one batched text pass."""
         features = self.image_features(image)
         texts = self.encode_queries(queries)
-        return [self._map(features, text, query) for text, query in zip(texts, queries)]
+        return self._maps([features] * len(queries), texts, queries)
 
     def attribute_batch(self, images: Sequence[ImageRef], queries: Sequence[str]) -> list[AttributionMap]:
         """One map per ``(images[i], queries[i])``; uncached images run through the model as one batch."""
@@ -236,7 +261,44 @@ class ClipAttributor:
             raise InvalidQueryError(f"got {len(images)} images but {len(queries)} queries; pass one query per image")
         features = self.image_features_batch(images)
         texts = self.encode_queries(queries)
-        return [self._map(feat, text, query) for feat, text, query in zip(features, texts, queries)]
+        return self._maps(features, texts, queries)
+
+    def attribute_tensors(self, pixels: torch.Tensor, queries: Sequence[str]) -> list[AttributionMap]:
+        """One map per ``(pixels[i], queries[i])`` for a batch the caller already holds: ``(B, 3, H, W)``
+        uint8 RGB (torchvision's ``decode_image`` layout) on any device, all of one size. Letterboxed on
+        the model's device (within one uint8 level of Pillow's letterbox, see
+        ``api_tool.backends.device_letterbox``); the cache is not used (hashing the pixels would cost a
+        transfer).
+
+        Example:
+            >>> from torchvision.io import decode_image
+            >>> batch = torch.stack([decode_image("a.jpg"), decode_image("b.jpg")])  # doctest: +SKIP
+            >>> maps = attributor.attribute_tensors(batch, ["where is the cup?", "where is the cat?"])  # doctest: +SKIP
+        """
+        check_pixel_batch(pixels)
+        if pixels.shape[0] != len(queries):
+            raise InvalidQueryError(
+                f"got {pixels.shape[0]} images but {len(queries)} queries; pass one query per image"
+            )
+        features = self._run_pixels(pixels.to(self.device, non_blocking=True))
+        return self._maps(features, self.encode_queries(queries), queries)
+
+    def pixel_masks(self, maps: Sequence[AttributionMap], resample: str = "lanczos") -> list[torch.Tensor]:
+        """Each map's mask at its image's pixel size on the model's device, ``(H, W)`` float32: what
+        ``AttributionMap.upsample`` gives (Pillow's filter, within float32 rounding), computed batched on
+        the device for the maps of one image size.
+
+        Example:
+            >>> masks = attributor.pixel_masks(attributor.attribute_batch(images, queries))  # doctest: +SKIP
+        """
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, amap in enumerate(maps):
+            groups.setdefault((amap.grid_shape, amap.grid_box, amap.image_size), []).append(index)
+        found: dict[int, torch.Tensor] = {}
+        for (_, grid_box, image_size), indices in groups.items():
+            stacked = torch.from_numpy(np.stack([maps[i].mask for i in indices])).to(self.device)
+            found.update(zip(indices, upsample_batched(stacked, grid_box, image_size, resample)))
+        return [found[index] for index in range(len(maps))]
 
     def image_features(self, image: ImageRef) -> ClipImageFeatures:
         """The cached, query-independent image pass for one image."""
@@ -244,7 +306,7 @@ class ClipAttributor:
 
     def image_features_batch(self, images: Sequence[ImageRef]) -> list[ClipImageFeatures]:
         """Image passes for several images, batching those not in the cache."""
-        loaded = [load_image(image) for image in images]
+        loaded = decode_images(images)
         if self.cache_size == 0:
             return self._run_images(loaded)
         keys = [image_key(image) for image in loaded]
@@ -303,11 +365,19 @@ class ClipAttributor:
 
     @torch.inference_mode()
     def _run_images(self, images: Sequence[Image.Image]) -> list[ClipImageFeatures]:
+        if self.preprocess_on_device and self.tower.input is not None:
+            features: dict[int, ClipImageFeatures] = {}
+            positions: dict[tuple[int, int], list[int]] = {}
+            for index, image in enumerate(images):
+                positions.setdefault(image.size, []).append(index)
+            for size, pixels in upload_images(images, self.device).items():
+                features.update(zip(positions[size], self._run_pixels(pixels)))
+            return [features[index] for index in range(len(images))]
         prepared = [self.tower.prepare(image) for image in images]
         groups: dict[tuple[int, int], list[int]] = {}  # one batch per grid (towers with a grid per image)
         for index, item in enumerate(prepared):
             groups.setdefault(item.grid, []).append(index)
-        features: dict[int, ClipImageFeatures] = {}
+        features = {}
         for grid, indices in groups.items():
             found = self._run_group(grid, [prepared[i] for i in indices], [images[i].size for i in indices])
             features.update(zip(indices, found))
@@ -317,30 +387,78 @@ class ClipAttributor:
         self, grid: tuple[int, int], prepared: Sequence[PreparedImage], sizes: Sequence[tuple[int, int]]
     ) -> list[ClipImageFeatures]:
         inputs = {name: tensor.to(self.device) for name, tensor in self.tower.batch(prepared).items()}
-        with self._forward_lock:
-            parts = self.tower.decompose(inputs, self.layer, self.pool_mlp)
-        norm = parts.embedding.float().norm(dim=-1)[:, None, None]
-        prefix = self.tower.prefix_tokens
-        cls_tokens = parts.terms[:, prefix:].float() / norm
-        comp_tokens = parts.comp[:, prefix:].float() / norm
+        return self._features(inputs, grid, [item.grid_box for item in prepared], sizes)
+
+    @torch.inference_mode()
+    def _run_pixels(self, pixels: torch.Tensor) -> list[ClipImageFeatures]:
+        """Features of ``(B, 3, H, W)`` uint8 images of one size on the model's device, letterboxed there."""
+        square = self._letterbox_input()
+        letterbox = Letterbox.fit((pixels.shape[-1], pixels.shape[-2]), square.side)
+        grid = self.tower.prepare(Image.new("RGB", (1, 1))).grid
+        boxed = letterbox_pixels(pixels, letterbox, square.fill)
+        count = pixels.shape[0]
+        grid_boxes, sizes = [letterbox.grid_box(grid)] * count, [letterbox.image_size] * count
+        return self._features({"pixels": boxed}, grid, grid_boxes, sizes)
+
+    def _features(
+        self,
+        inputs: dict[str, torch.Tensor],
+        grid: tuple[int, int],
+        grid_boxes: Sequence[GridBox],
+        sizes: Sequence[tuple[int, int]],
+    ) -> list[ClipImageFeatures]:
+        with self._forward_lock:  # a graph replay's outputs are read before the next replay
+            if set(inputs) == {"pixels"}:
+                parts = self._image_pass(inputs["pixels"])
+            else:
+                parts = self.tower.decompose(inputs, self.layer, self.pool_mlp, self.projection_dtype)
+            norm = parts.embedding.float().norm(dim=-1)[:, None, None]
+            prefix = self.tower.prefix_tokens
+            cls_tokens = parts.terms[:, prefix:].float() / norm
+            comp_tokens = parts.comp[:, prefix:].float() / norm
         return [
             ClipImageFeatures(
                 cls_tokens=cls_tokens[i],
                 comp_tokens=comp_tokens[i],
                 grid=grid,
                 image_size=size,
-                grid_box=item.grid_box,
+                grid_box=grid_box,
             )
-            for i, (size, item) in enumerate(zip(sizes, prepared))
+            for i, (size, grid_box) in enumerate(zip(sizes, grid_boxes))
         ]
 
+    def _decompose_pixels(self, pixels: torch.Tensor) -> Decomposition:
+        return self.tower.decompose({"pixels": pixels}, self.layer, self.pool_mlp, self.projection_dtype)
+
     def _map(self, features: ClipImageFeatures, text: torch.Tensor, query: str) -> AttributionMap:
-        rows, cols = features.grid
-        cls_map = (features.cls_tokens @ text).reshape(rows, cols).double().cpu().numpy()
-        comp_map = (features.comp_tokens @ text).reshape(rows, cols).double().cpu().numpy()
-        mask = combine_maps(
-            cls_map, comp_map, combine=self.combine, enhance_coe=self.enhance_coe, kernel_size=self.kernel_size
-        )
+        return self._maps([features], text[None], [query])[0]
+
+    @torch.inference_mode()
+    def _maps(
+        self, features: Sequence[ClipImageFeatures], texts: torch.Tensor, queries: Sequence[str]
+    ) -> list[AttributionMap]:
+        """The map of each ``(features[i], texts[i])``: the dot products and the merge batched on the
+        device per grid shape, one transfer to the host per grid shape."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, feat in enumerate(features):
+            groups.setdefault(feat.grid, []).append(index)
+        found: dict[int, AttributionMap] = {}
+        for (rows, cols), indices in groups.items():
+            text = texts[indices][:, :, None]
+            dtype = merge_dtype(text.device)
+            cls = torch.bmm(torch.stack([features[i].cls_tokens for i in indices]), text).to(dtype)
+            comp = torch.bmm(torch.stack([features[i].comp_tokens for i in indices]), text).to(dtype)
+            cls, comp = cls.reshape(-1, rows, cols), comp.reshape(-1, rows, cols)
+            mask = combine_maps_batched(
+                cls, comp, combine=self.combine, enhance_coe=self.enhance_coe, kernel_size=self.kernel_size
+            )
+            host = torch.stack([cls, comp, mask]).cpu().double().numpy()
+            for slot, index in enumerate(indices):
+                found[index] = self._attribution_map(features[index], host[:, slot], queries[index])
+        return [found[index] for index in range(len(features))]
+
+    def _attribution_map(self, features: ClipImageFeatures, maps: np.ndarray, query: str) -> AttributionMap:
+        cls_map, comp_map, mask = maps
         metadata: dict[str, object] = {
             "backend": self.name,
             "model": self.model_name,
@@ -367,6 +485,21 @@ class ClipAttributor:
 # ----------------------------------------------------------------------------------------------
 # Loading and checks.
 # ----------------------------------------------------------------------------------------------
+
+
+def default_projection_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the Psi decomposition by default: a half-precision model's own dtype on a GPU (its
+    tensor cores), float64 for a float64 model, else float32.
+
+    Example:
+        >>> default_projection_dtype(torch.float16, torch.device("cuda"))
+        torch.float16
+        >>> default_projection_dtype(torch.float16, torch.device("cpu"))
+        torch.float32
+    """
+    if model_dtype in (torch.float16, torch.bfloat16) and device.type != "cpu":
+        return model_dtype
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
 def image_key(image: Image.Image) -> str:

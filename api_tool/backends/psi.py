@@ -213,6 +213,11 @@ class FrozenLayerNorm:
         bias = norm.bias if norm.bias is not None else torch.zeros(width, device=x.device)
         return cls(mean, std, weight.to(x.dtype), bias.to(x.dtype))
 
+    def to(self, dtype: torch.dtype) -> FrozenLayerNorm:
+        """The same map with its statistics and affine parameters in ``dtype`` (computed in float32 for a
+        half-precision input by ``at``, then rounded once)."""
+        return FrozenLayerNorm(self.mean.to(dtype), self.std.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
+
     def __call__(self, x: torch.Tensor, share: float) -> torch.Tensor:
         return linearized_layer_norm(x, self.mean, self.std, self.weight, self.bias, share)
 

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -139,14 +140,22 @@ class LetterboxInput:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, S, S, 3)`` uint8 pixels (on any device) to the normalised ``(B, 3, S, S)`` input."""
-        mean = torch.tensor(self.mean, device=pixels.device)
-        std = torch.tensor(self.std, device=pixels.device)
+        mean, std = channel_constants(self.mean, self.std, pixels.device)
         return ((pixels.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)
 
     def prepare(self, image: Image.Image, grid: tuple[int, int]) -> PreparedImage:
         """One image as uint8 ``pixels`` (normalised later, on the device) on a ``grid`` of patches."""
         pixels, letterbox = self.letterbox(image)
         return PreparedImage({"pixels": torch.from_numpy(pixels.copy())[None]}, grid, letterbox.grid_box(grid))
+
+
+@functools.lru_cache(maxsize=16)
+def channel_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 tensors on ``device``, made once (no host-to-device copy per call,
+    which a CUDA graph capture would refuse)."""
+    return torch.tensor(mean, device=device), torch.tensor(std, device=device)
 
 
 def square_side(size: int | Sequence[int]) -> int:
@@ -246,14 +255,21 @@ class VisionTower(ABC):
         pooling = self.pooling
         return pooling.final_norm if isinstance(pooling, ClsPooling) else pooling.token_norm
 
-    def decompose(self, inputs: dict[str, torch.Tensor], layer: int, pool_mlp: PoolMlp) -> Decomposition:
-        """Run one batch through the model and split its embedding over the tokens (float32; float64
-        for a float64 model). ``layer`` is a non-negative block index; ``pool_mlp`` how a pool's MLP
-        is handed to the tokens (``api_tool.backends.psi.split_branch``)."""
+    def decompose(
+        self,
+        inputs: dict[str, torch.Tensor],
+        layer: int,
+        pool_mlp: PoolMlp,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Decomposition:
+        """Run one batch through the model and split its embedding over the tokens, in ``compute_dtype``
+        (``None``: float32; float64 for a float64 model; a half-precision ``compute_dtype`` keeps the
+        LayerNorm statistics in float32 and rounds them once). ``layer`` is a non-negative block index;
+        ``pool_mlp`` how a pool's MLP is handed to the tokens (``api_tool.backends.psi.split_branch``)."""
         with self._trace(self.blocks[layer]) as trace:
             embedding = self.embed(inputs)
         assert trace.block_input is not None and trace.block_output is not None and trace.final is not None
-        dtype = torch.float64 if embedding.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype or (torch.float64 if embedding.dtype == torch.float64 else torch.float32)
         block_input, block_output = trace.block_input.to(dtype), trace.block_output.to(dtype)
         final, embedding = trace.final.to(dtype), embedding.to(dtype)
         if isinstance(self.pooling, ClsPooling):
@@ -277,7 +293,7 @@ class VisionTower(ABC):
         if scale is not None:
             contributions = contributions * scale.to(device=device, dtype=dtype)
         cls_final = (final[:, 0] if final.dim() == 3 else final)[:, None]  # (B, 1, D)
-        norm = FrozenLayerNorm.at(cls_final, pooling.final_norm)
+        norm = FrozenLayerNorm.at(cls_final, pooling.final_norm).to(dtype)
         head = pooling.head.to(dtype, device)
         tokens = block_input.shape[1]
         comp_share = residual_share(len(self.blocks))
@@ -302,7 +318,8 @@ class VisionTower(ABC):
         attended = final[:, pooling.first_key :]
         terms = pooled_query_terms(query, _layer_norm(attended, pooling.token_norm), attention)
         comp_share = residual_share(len(self.blocks))
-        comp = attention.value_out(FrozenLayerNorm.at(final, pooling.token_norm)(block_output, comp_share), comp_share)
+        token_norm = FrozenLayerNorm.at(final, pooling.token_norm).to(dtype)
+        comp = attention.value_out(token_norm(block_output, comp_share), comp_share)
         bias = terms.new_zeros(terms.shape[0], terms.shape[2])
         if pooling.branch is not None:
             split = split_branch(terms, self._branch_in(pooling.branch, dtype, terms.device), pool_mlp)
@@ -310,7 +327,7 @@ class VisionTower(ABC):
         parts = terms.shape[1] + 1  # the attended tokens and the bias
         if pooling.post_norm is not None:
             pooled = terms.sum(dim=1) + bias
-            post = FrozenLayerNorm.at(pooled[:, None], pooling.post_norm)
+            post = FrozenLayerNorm.at(pooled[:, None], pooling.post_norm).to(dtype)
             terms, bias, comp = post(terms, parts), post(bias[:, None], parts)[:, 0], post(comp, comp_share)
         head = pooling.head.to(dtype, device)
         terms = head(terms, parts)
