@@ -24,7 +24,7 @@ import re
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,8 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from agents.prompts import TOOL_CALLING_TEMPLATE
 from api_tool.backends.base import model_lock
+from api_tool.backends.lvlm_families.base import image_processing_device
+from api_tool.backends.self_map_memo import AnswerRecorder, self_map_memo
 from api_tool.errors import ImageLoadError, InvalidParameterError, UnknownModelError, WeightsUnavailableError
 from api_tool.images import load_image
 from api_tool.tool import image_source, is_image_block
@@ -283,10 +285,22 @@ class ChatTransformersVLM(BaseChatModel):
     """Download ``http(s)`` image URLs found in messages."""
     local_files_only: bool = True
     """Never reach a model hub when loading; set False to download a hub id."""
+    record_self_maps: bool = True
+    """While answering (``invoke`` / ``ainvoke``), keep what the answer's self-map needs: references to the
+    probed block's inputs at each step (``api_tool.backends.self_map_memo``; nothing is computed while
+    generating). An ``LvlmAttributor`` over the same model (the reflection loop's self mode) then scores
+    this answer on equal inputs (same prompt tokens and pixels) with no model pass. Only for models of an
+    LVLM family in ``api_tool.families``; the cost is in benchmarks/RESULTS.md section 5. LLaVA-1.5: this
+    class lets the processor resize and centre-crop while the attributor letterboxes, so their pixels (and
+    the recording) agree only for images already square at the vision input's size."""
+    self_map_layer: int | None = None
+    """The block recorded with ``record_self_maps``: ``None`` is the one ``LvlmAttributor.from_model``
+    reads by default; an attributor reading another block runs its own pass."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
     _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _recorder: AnswerRecorder | None = PrivateAttr(default=None)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEMO_NAME, **kwargs: Any) -> ChatTransformersVLM:
@@ -311,6 +325,20 @@ class ChatTransformersVLM(BaseChatModel):
 
         entry = lvlm_family_of_model(self.load())
         return entry.name if entry is not None and entry.wraps_chat_model else None
+
+    def self_map_recorder(self) -> AnswerRecorder | None:
+        """The recorder ``record_self_maps`` attaches while answering (made once), or ``None`` when the
+        wrapped model belongs to no LVLM family that can score it.
+
+        Example:
+            >>> ChatTransformersVLM.from_pretrained("demo").self_map_recorder().layer  # doctest: +SKIP
+            2
+        """
+        if self._recorder is None:
+            from api_tool.backends.lvlm import answer_recorder
+
+            self._recorder = answer_recorder(self.load(), self.processor, self.self_map_layer)
+        return self._recorder
 
     @property
     def is_llava(self) -> bool:
@@ -471,8 +499,10 @@ class ChatTransformersVLM(BaseChatModel):
         conversation, images = self.to_conversation(messages, tools)
         prefix = tool_call_prefix(tool_choice) if tools else ""
         prompt = self.render_prompt(conversation) + prefix
-        inputs = self.processor(text=prompt, images=images or None, return_tensors="pt")
         model = self.hf_model
+        transformers_model = hasattr(model, "get_input_embeddings")
+        on_device = image_processing_device(self.processor, model) if images and transformers_model else {}
+        inputs = self.processor(text=prompt, images=images or None, return_tensors="pt", **on_device)
         inputs = {key: value.to(model.device) for key, value in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -527,8 +557,12 @@ class ChatTransformersVLM(BaseChatModel):
         stops = list(stop or self.stop or [])
         prompt_tokens = int(inputs["input_ids"].shape[1])
         generation = self._generation_kwargs(stops, prompt_tokens, **kwargs)
+        recorder = self.self_map_recorder() if self.record_self_maps else None
         with model_lock(self.hf_model), torch.inference_mode():
-            output = self.hf_model.generate(**inputs, **generation)
+            with recorder.attached() if recorder is not None else nullcontext():
+                output = self.hf_model.generate(**inputs, **generation)
+            if recorder is not None:
+                self_map_memo(self.hf_model).store(recorder.recording(inputs, output[0, prompt_tokens:]))
         new_ids = output[0, prompt_tokens:]
         text, hit_stop = truncate_at_stop(self.processor.tokenizer.decode(new_ids, skip_special_tokens=True), stops)
         reply = GeneratedReply(

@@ -49,9 +49,14 @@ class _Call:
     result: Any
 
 
-def _same(first: Any, second: Any) -> bool:
+def same_value(first: Any, second: Any) -> bool:
     """Equal values: tensors of one shape, dtype and device with equal elements; containers item by item;
-    anything else by ``==``."""
+    anything else by ``==``.
+
+    Example:
+        >>> same_value({"ids": torch.tensor([1, 2])}, {"ids": torch.tensor([1, 2])}), same_value([1], (1,))
+        (True, False)
+    """
     if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
         return (
             isinstance(first, torch.Tensor)
@@ -62,9 +67,9 @@ def _same(first: Any, second: Any) -> bool:
             and bool(torch.equal(first, second))
         )
     if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
-        return type(first) is type(second) and len(first) == len(second) and all(map(_same, first, second))
+        return type(first) is type(second) and len(first) == len(second) and all(map(same_value, first, second))
     if isinstance(first, dict) and isinstance(second, dict):
-        return first.keys() == second.keys() and all(_same(first[key], second[key]) for key in first)
+        return first.keys() == second.keys() and all(same_value(first[key], second[key]) for key in first)
     try:
         return bool(first == second)
     except (TypeError, ValueError, RuntimeError):
@@ -91,7 +96,7 @@ class ImageFeatureCache:
         arguments = dict(self.__signature__.bind(*args, **kwargs).arguments)  # positional or keyword alike
         with self._lock:
             for call in self._calls:
-                if _same(call.arguments, arguments):
+                if same_value(call.arguments, arguments):
                     self.hits += 1
                     return copy.copy(call.result)
         result = self.encode(*args, **kwargs)

@@ -19,18 +19,27 @@ greedy answer this equals the generation path. ``focus=`` averages only the step
 substring of the answer (the authors' demo variant). The step that predicts the end-of-sequence token
 is left out; an empty answer scores the last prompt position alone.
 
-Image passes: the model's image encoder is memoised (``image_feature_cache``), so scoring an answer that
-was just generated from the same image (by this attributor or by a chat model sharing the model) reruns
-only the language model up to the probed block.
+Reuse, exact inputs only (``metadata["scored_from"]`` says which pass the rows come from):
+
+* the answer's own generation: a generation by this attributor, or by a ``ChatTransformersVLM`` sharing
+  the model with ``record_self_maps`` on, records the probed block's image keys and per-step queries
+  (``api_tool.backends.self_map_memo``); scoring that answer on equal inputs (prompt tokens, pixels, the
+  same block) reads its rows from the recording, with no model pass;
+* the prompt's KV cache: teacher forcing keeps the cache of the blocks below the probed one over the
+  prompt, so scoring another answer on equal inputs runs only the answer's tokens up to that block
+  (families with ``continues_prompt_cache``);
+* image passes: the model's image encoder is memoised (``image_feature_cache``), so scoring an answer
+  that was just generated from the same image reruns only the language model up to the probed block.
 
 Attention capture: nothing forces eager attention and no attention matrix is stored. A forward pre-hook
 on block ``layer``'s self-attention receives the block's normalised hidden states and rotary embeddings;
-the family adapter recomputes that block's keys for the image positions (once, at prefill) and its
-queries for the needed positions only. SDPA and flash attention keep running the model itself.
+the family adapter recomputes that block's keys for the image positions and its queries for the needed
+positions only (while teacher forcing; after generation, from the block inputs the recorder kept). SDPA
+and flash attention keep running the model itself.
 
 Metadata: ``backend``, ``family``, ``model``, ``layer`` (resolved), ``mode`` ("generate" |
-"teacher_forcing"), ``answer``, ``focus``, ``steps``, ``step_tokens``, ``tiles``, ``max_new_tokens``,
-``enhance_coe``, ``kernel_size``.
+"teacher_forcing"), ``scored_from`` (``SCORED_FROM``), ``answer``, ``focus``, ``steps``, ``step_tokens``,
+``tiles``, ``max_new_tokens``, ``enhance_coe``, ``kernel_size``.
 
 Example:
     >>> from api_tool.backends.lvlm import LvlmAttributor
@@ -42,6 +51,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -55,18 +65,25 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
 from api_tool.backends.base import check_query, model_lock, resolve_device, resolve_layer
 from api_tool.backends.hub import resolve_source, weights_hint
 from api_tool.backends.image_feature_cache import share_image_features
 from api_tool.backends.lvlm_families.base import LvlmFamilyAdapter, PreparedPrompt, Tile
+from api_tool.backends.self_map_memo import (
+    AnswerRecorder,
+    PromptState,
+    image_attention,
+    self_map_memo,
+)
 from api_tool.errors import (
     FocusNotFoundError,
     ImageTokenError,
     InvalidParameterError,
     InvalidQueryError,
     UnknownModelError,
+    UnsupportedModelError,
     WeightsUnavailableError,
 )
 from api_tool.geometry import GridBox
@@ -95,25 +112,6 @@ _DTYPES = {
 # ----------------------------------------------------------------------------------------------
 # The maths: small pure functions on tensors and arrays.
 # ----------------------------------------------------------------------------------------------
-
-
-def image_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Head-averaged attention of each query over the image keys alone.
-
-    ``queries (B, H, Q, D)``, ``keys (B, KV, N, D)`` with ``H`` a multiple of ``KV`` (grouped-query
-    attention: query head ``h`` reads key head ``h // (H / KV)``). Returns ``(B, Q, N)``: the softmax
-    over the N image keys of ``scaling * q . k``, averaged over the H heads (computed in fp32).
-
-    Example:
-        >>> q, k = torch.zeros(1, 4, 2, 8), torch.randn(1, 2, 5, 8)
-        >>> image_attention(q, k, 0.35)[0, 0]
-        tensor([0.2000, 0.2000, 0.2000, 0.2000, 0.2000])
-    """
-    batch, heads, length, head_dim = queries.shape
-    kv_heads = keys.shape[1]
-    grouped = queries.float().reshape(batch, kv_heads, heads // kv_heads, length, head_dim)
-    scores = torch.einsum("bkgqd,bknd->bkgqn", grouped, keys.float()) * scaling
-    return scores.softmax(dim=-1).mean(dim=(1, 2))
 
 
 def token_spans(pieces: Sequence[str]) -> list[tuple[int, int]]:
@@ -258,7 +256,9 @@ class ImageAttentionProbe:
     On its first call (the prefill) it computes the keys of ``image_positions`` and scores the
     queries at ``query_positions``; on each later call (one decoding step with a KV cache) it scores
     the queries of every position passed in. ``rows`` holds one ``(Q, N)`` tensor per call. With
-    ``stop_after_first`` the first call ends the forward pass (teacher forcing needs no logits).
+    ``stop_after_first`` the first call ends the forward pass (teacher forcing needs no logits). Given
+    ``keys`` (the image keys of an earlier pass over the same prompt), every call scores the queries of
+    all the positions passed in (a pass that continues the prompt from its KV cache).
     The family adapter turns hidden states into rotary-embedded queries and keys.
     """
 
@@ -267,16 +267,17 @@ class ImageAttentionProbe:
         family: LvlmFamilyAdapter,
         attention: torch.nn.Module,
         image_positions: torch.Tensor,
-        query_positions: torch.Tensor,
+        query_positions: torch.Tensor | None,
         *,
         stop_after_first: bool,
+        keys: torch.Tensor | None = None,
     ) -> None:
         self.family = family
         self.attention = attention
         self.image_positions = image_positions
         self.query_positions = query_positions
         self.stop_after_first = stop_after_first
-        self.keys: torch.Tensor | None = None
+        self.keys = keys
         self.rows: list[torch.Tensor] = []
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -308,11 +309,49 @@ class ImageAttentionProbe:
 
 @dataclass(frozen=True)
 class _Steps:
-    """The attention rows of one answer, one per step, and the answer's tokens."""
+    """The attention rows of one answer, one per step, the answer's tokens, and how the rows were
+    obtained (``SCORED_FROM``)."""
 
     rows: torch.Tensor
     answer_ids: list[int]
     answer: str
+    scored_from: str
+
+
+SCORED_FROM: dict[str, str] = {
+    "generation": "the attributor's own greedy generation, probe attached",
+    "recording": "a recording of the same answer's generation on equal inputs (no model pass)",
+    "prompt_cache": "teacher forcing of the answer's tokens only, continuing the same prompt's KV cache",
+    "forward": "teacher forcing: one pass over prompt + answer up to the probed block",
+}
+"""The values of ``metadata["scored_from"]``: which pass the map's rows come from."""
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes a KV cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values``.
+
+    Example:
+        >>> cache_argument(model)  # doctest: +SKIP
+        'cache'
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prompt_cache_pairs(
+    cache: DynamicCache, blocks: int, length: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], ...] | None:
+    """The ``(keys, values)`` of the first ``blocks`` cache layers cut to the first ``length`` positions, or
+    ``None`` when a layer was not filled (or is not a plain full-attention layer).
+
+    Example:
+        >>> prompt_cache_pairs(DynamicCache(), 0, 5)
+        ()
+    """
+    layers = list(getattr(cache, "layers", ()))[:blocks]
+    if len(layers) < blocks or any(getattr(layer, "keys", None) is None for layer in layers):
+        return None
+    return tuple((layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in layers)
 
 
 class LvlmAttributor:
@@ -407,21 +446,25 @@ class LvlmAttributor:
         self.processor = processor
         self.model_name = model_name
         self.layers = self.family.decoder_layers(model)
-        family_layer = self.family.default_layer(model.config)
-        chosen = (
-            layer
-            if layer is not None
-            else default_attribution_layer(
-                model.config, family_layer if family_layer is not None else entry.defaults.layer
-            )
-        )
-        self.layer = resolve_layer(chosen, len(self.layers), "language model")
+        self.layer = attribution_layer(model, self.family, entry.defaults.layer, layer)
         self.max_new_tokens = max_new_tokens
         self.enhance_coe = float(enhance_coe)
         self.kernel_size = kernel_size
         self.eos_ids = end_token_ids(model, processor.tokenizer) | self.family.end_token_ids(processor)
         self.image_features = share_image_features(model)
+        self.memo = self_map_memo(model)
+        self._prompt_state: PromptState | None = None
         self._lock = model_lock(model)
+
+    def clear_reuse(self) -> None:
+        """Forget the model's answer recordings (``self.memo``) and this attributor's last prompt state, so
+        the next map runs the model (the image encoder's memo is ``self.image_features``).
+
+        Example:
+            >>> attributor.clear_reuse()  # doctest: +SKIP
+        """
+        self.memo.clear()
+        self._prompt_state = None
 
     @property
     def device(self) -> torch.device:
@@ -502,6 +545,7 @@ class LvlmAttributor:
                 "model": self.model_name,
                 "layer": self.layer,
                 "mode": "generate" if answer is None else "teacher_forcing",
+                "scored_from": steps.scored_from,
                 "answer": steps.answer if answer is None else answer,
                 "focus": focus,
                 "steps": len(selected),
@@ -524,11 +568,10 @@ class LvlmAttributor:
 
     def _generate(self, prompt: PreparedPrompt) -> _Steps:
         self.family.check_sequence_length(self.model, self.layer, prompt.length + self.max_new_tokens)
-        last = torch.tensor([prompt.length - 1], device=self.device)
-        probe = self._probe(prompt, last, stop_after_first=False)
+        recorder = AnswerRecorder(self.family, self.layers[self.layer].self_attn, self.layer)
         tokenizer = self.processor.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
-        with probe.attached():
+        with recorder.attached():
             output = self.model.generate(
                 **prompt.inputs,
                 max_new_tokens=self.max_new_tokens,
@@ -543,21 +586,64 @@ class LvlmAttributor:
             if token in self.eos_ids:
                 break
             answer_ids.append(token)
-        rows = torch.cat(probe.rows)[: max(1, len(answer_ids))]
+        recording = recorder.recording(prompt.inputs, generated)
+        if recording is None:
+            raise UnsupportedModelError(f"decoder block {self.layer} did not run during generation")
+        self.memo.store(recording)
+        rows = recording.rows(prompt.image_positions, max(1, len(answer_ids)))
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-        return _Steps(rows=rows, answer_ids=answer_ids, answer=answer)
+        return _Steps(rows=rows, answer_ids=answer_ids, answer=answer, scored_from="generation")
 
     def _teacher_force(self, prompt: PreparedPrompt, question: str, answer: str) -> _Steps:
+        """The answer's rows: from a recording of its generation on equal inputs, else by continuing the
+        same prompt's KV cache, else by one pass over prompt + answer (which keeps the prompt's cache)."""
         answer_ids = answer_token_ids(self.processor, prompt.text, question, answer)
         self.family.check_sequence_length(self.model, self.layer, prompt.length + len(answer_ids))
+        decoded = self.processor.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        recording = self.memo.lookup(self.layer, prompt.inputs, answer_ids)
+        if recording is not None:
+            rows = recording.rows(prompt.image_positions, max(1, len(answer_ids)))
+            return _Steps(rows=rows, answer_ids=answer_ids, answer=decoded, scored_from="recording")
+        state = self._prompt_state
+        if state is not None and state.matches(self.layer, prompt.inputs):
+            rows = self._continue_prompt(state, prompt, answer_ids)
+            return _Steps(rows=rows, answer_ids=answer_ids, answer=decoded, scored_from="prompt_cache")
+        rows = self._forward(prompt, answer_ids)
+        return _Steps(rows=rows, answer_ids=answer_ids, answer=decoded, scored_from="forward")
+
+    def _forward(self, prompt: PreparedPrompt, answer_ids: list[int]) -> torch.Tensor:
+        """Teacher forcing in one pass over prompt + answer, stopped at the probed block; when the family
+        can continue a prompt's cache, the blocks below keep their KV cache for ``_continue_prompt``."""
         first = prompt.length - 1
         queries = torch.arange(first, first + max(1, len(answer_ids)), device=self.device)
         probe = self._probe(prompt, queries, stop_after_first=True)
         inputs = self.family.teacher_forcing_inputs(prompt, answer_ids)
+        keeps_cache = self.family.continues_prompt_cache and self.layer > 0
+        cache = DynamicCache() if keeps_cache else None
+        extra = {cache_argument(self.model): cache} if keeps_cache else {}
         with probe.attached(), suppress(_CaptureCompleteError):
-            self.model(**inputs)  # as generation calls it, so the vision tower's memo answers
-        decoded = self.processor.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
-        return _Steps(rows=torch.cat(probe.rows), answer_ids=answer_ids, answer=decoded)
+            # as generation calls it, so the vision tower's memo answers (no other keywords: LLaVA hands them
+            # on to the tower, and the memo matches arguments exactly)
+            self.model(**inputs, **extra)
+        pairs = prompt_cache_pairs(cache, self.layer, first) if cache is not None else None
+        if pairs is not None and probe.keys is not None:
+            self._prompt_state = PromptState(self.layer, dict(prompt.inputs), pairs, probe.keys)
+        return torch.cat(probe.rows)
+
+    def _continue_prompt(self, state: PromptState, prompt: PreparedPrompt, answer_ids: list[int]) -> torch.Tensor:
+        """Teacher forcing from the prompt's kept cache: only the last prompt token and the answer's tokens
+        run, up to the probed block, whose image keys were kept too."""
+        first = prompt.length - 1
+        inputs = self.family.continuation_inputs(self.model, prompt, answer_ids, first)
+        attention = self.layers[self.layer].self_attn
+        positions = prompt.image_positions.to(self.device)
+        probe = ImageAttentionProbe(
+            self.family, attention, positions, None, stop_after_first=True, keys=state.image_keys
+        )
+        cache = DynamicCache(ddp_cache_data=state.past)
+        with probe.attached(), suppress(_CaptureCompleteError):
+            self.model(**inputs, **{cache_argument(self.model): cache, "use_cache": True})
+        return torch.cat(probe.rows)
 
     def _select(self, steps: _Steps, focus: str | None) -> list[int]:
         if focus is None:
@@ -658,6 +744,52 @@ def default_attribution_layer(config: Any, family_layer: int | None = PAPER_LAYE
     if family_layer is not None and -blocks <= family_layer < blocks:
         return family_layer % blocks
     return blocks // 2
+
+
+def attribution_layer(
+    model: torch.nn.Module, family: LvlmFamilyAdapter, table_layer: int | None, layer: int | None = None
+) -> int:
+    """The decoder block an attributor reads, resolved to ``0..blocks-1``: ``layer`` when given, else
+    ``default_attribution_layer`` with the adapter's default block, else the family table's ``table_layer``.
+
+    Example:
+        >>> attribution_layer(model, LlavaFamily(), 20)  # doctest: +SKIP
+        20
+    """
+    blocks = len(family.decoder_layers(model))
+    family_layer = family.default_layer(model.config)
+    chosen = (
+        layer
+        if layer is not None
+        else default_attribution_layer(model.config, family_layer if family_layer is not None else table_layer)
+    )
+    return resolve_layer(chosen, blocks, "language model")
+
+
+def answer_recorder(model: torch.nn.Module, processor: Any, layer: int | None = None) -> AnswerRecorder | None:
+    """A recorder of ``model``'s answers at the block an ``LvlmAttributor.from_model(model, processor,
+    layer=layer)`` reads, for chat models whose replies should carry their self-map
+    (``api_tool.backends.self_map_memo``); ``None`` when no LVLM family in the table wraps the model as a
+    chat model or its adapter refuses the model.
+
+    Example:
+        >>> recorder = answer_recorder(model, processor)  # doctest: +SKIP
+        >>> with recorder.attached():  # doctest: +SKIP
+        ...     output = model.generate(**inputs)
+        >>> self_map_memo(model).store(recorder.recording(inputs, output[0, prompt_length:]))  # doctest: +SKIP
+    """
+    from api_tool.families import lvlm_family_of_model
+
+    entry = lvlm_family_of_model(model)
+    if entry is None or not entry.wraps_chat_model or entry.adapter_path is None:
+        return None
+    family = entry.adapter()
+    try:
+        family.check_model(model, processor)
+    except UnsupportedModelError:
+        return None
+    index = attribution_layer(model, family, entry.defaults.layer, layer)
+    return AnswerRecorder(family, family.decoder_layers(model)[index].self_attn, index)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -38,9 +38,11 @@ def test_scoring_the_answer_just_generated_reuses_its_image_pass_and_the_same_ma
         attributor = LvlmAttributor.from_model(model, processor, layer=-1, max_new_tokens=4)
         calls = counting_encoder(model)
         generated = attributor.attribute(picture(0), QUESTION)
+        attributor.clear_reuse()  # else the answer's recording serves the map with no model pass at all
         forced = attributor.attribute(picture(0), QUESTION, answer=generated.metadata["answer"])
         assert len(calls) == 1 and attributor.image_features.hits == 1  # type: ignore[union-attr]
         attributor.image_features.clear()  # type: ignore[union-attr]
+        attributor.clear_reuse()
         again = attributor.attribute(picture(0), QUESTION, answer=generated.metadata["answer"])
         assert len(calls) == 2
         np.testing.assert_array_equal(forced.raw, again.raw)  # the memo returns what the encoder returns

@@ -105,6 +105,17 @@ class LvlmFamilyAdapter(Protocol):
         """Inputs for one forward pass over the prompt followed by ``answer_ids``."""
         ...
 
+    continues_prompt_cache: bool
+    """Whether ``continuation_inputs`` is exact for this family (teacher forcing may then reuse a prompt's
+    KV cache)."""
+
+    def continuation_inputs(
+        self, model: torch.nn.Module, prompt: PreparedPrompt, answer_ids: list[int], start: int
+    ) -> dict[str, Any]:
+        """Inputs for a pass that continues a KV cache of the prompt's first ``start`` positions with the
+        rest of the prompt + answer sequence, ``max(1, len(answer_ids))`` tokens from ``start`` on."""
+        ...
+
     def default_layer(self, config: Any) -> int | None:
         """The block to read when the caller names none (``None``: the family table's default)."""
         ...
@@ -217,6 +228,21 @@ def image_processing_device(processor: Any, model: torch.nn.Module) -> dict[str,
     return {"device": device}
 
 
+def continued_tokens(prompt: PreparedPrompt, answer_ids: list[int], start: int) -> torch.Tensor:
+    """``(1, max(1, len(answer_ids)))`` token ids of prompt + answer from position ``start`` on: what a pass
+    continuing a cache of ``start`` positions feeds so that its queries are teacher forcing's from ``start``.
+
+    Example:
+        >>> prompt = PreparedPrompt({"input_ids": torch.tensor([[1, 2, 3]])}, "", ())
+        >>> continued_tokens(prompt, [7, 8], 2).tolist()
+        [[3, 7]]
+    """
+    input_ids = prompt.inputs["input_ids"]
+    appended = torch.tensor([answer_ids], dtype=input_ids.dtype, device=input_ids.device).reshape(1, -1)
+    sequence = torch.cat([input_ids, appended], dim=1)
+    return sequence[:, start : start + max(1, len(answer_ids))]
+
+
 def appended_inputs(prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
     """The prompt's inputs with ``answer_ids`` appended: ``input_ids`` extended, ``attention_mask`` all
     ones, other per-token tensors (``token_type_ids``...) extended with zeros, the rest (pixels, grids)
@@ -265,6 +291,20 @@ class FamilyAdapter:
     def teacher_forcing_inputs(self, prompt: PreparedPrompt, answer_ids: list[int]) -> dict[str, Any]:
         """The prompt's inputs with the answer appended (``appended_inputs``)."""
         return appended_inputs(prompt, answer_ids)
+
+    continues_prompt_cache: bool = False
+    """Off unless the adapter's ``continuation_inputs`` is proven equal to teacher forcing by tests."""
+
+    def continuation_inputs(
+        self, model: torch.nn.Module, prompt: PreparedPrompt, answer_ids: list[int], start: int
+    ) -> dict[str, Any]:
+        """1-D positions: ``continued_tokens``, an attention mask over cache + new tokens, positions from
+        ``start`` on."""
+        input_ids = continued_tokens(prompt, answer_ids, start)
+        length = input_ids.shape[1]
+        positions = torch.arange(start, start + length, device=input_ids.device)[None]
+        mask = torch.ones((1, start + length), dtype=torch.long, device=input_ids.device)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
 
     def default_layer(self, config: Any) -> int | None:
         """``None``: the family table's default block."""

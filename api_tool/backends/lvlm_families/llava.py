@@ -95,6 +95,7 @@ class LlavaFamily(FamilyAdapter):
     """The LLaVA-1.5 adapter (see the module docstring)."""
 
     name = "llava"
+    continues_prompt_cache = True
 
     def check_model(self, model: torch.nn.Module, processor: Any) -> None:
         """Refuse anything but a ``LlavaForConditionalGeneration`` with known towers and a LLaVA processor."""

@@ -53,6 +53,7 @@ from api_tool.backends.lvlm_families.base import (
     PreparedPrompt,
     Projection,
     Tile,
+    continued_tokens,
     image_processing_device,
     language_model_layers,
     rotate_projected,
@@ -374,6 +375,26 @@ class Qwen2VLFamily(FamilyAdapter):
             if isinstance(value, torch.Tensor):
                 inputs[name] = torch.cat([value, torch.zeros_like(appended, dtype=value.dtype)], dim=1)
         return inputs
+
+    continues_prompt_cache = True
+
+    def continuation_inputs(
+        self, model: torch.nn.Module, prompt: PreparedPrompt, answer_ids: list[int], start: int
+    ) -> dict[str, Any]:
+        """``continued_tokens`` with their 3-D M-RoPE positions, taken from the model's ``get_rope_index``
+        over the whole teacher-forcing sequence (passed explicitly, so the model's stored ``rope_deltas``,
+        which any other generation overwrites, play no part), and a mask over cache + new tokens."""
+        input_ids = continued_tokens(prompt, answer_ids, start)
+        length = input_ids.shape[1]
+        full = self.teacher_forcing_inputs(prompt, answer_ids)
+        names = ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
+        positions, _ = model.model.get_rope_index(**{name: full[name] for name in names if name in full})
+        mask = torch.ones((1, start + length), dtype=torch.long, device=input_ids.device)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": positions[..., start : start + length].to(input_ids.device),
+        }
 
     def default_layer(self, config: Any) -> int | None:
         """The block at the paper's relative depth (20 / 32): 17 of 28 (Qwen2-VL-7B, Qwen2.5-VL-7B,
