@@ -26,6 +26,7 @@ from langgraph.graph.state import CompiledStateGraph
 
 from agents.middleware import ImageToolMessageMiddleware
 from agents.prompts import AGENT_SYSTEM_PROMPT
+from api_tool.demo_notice import is_demo_model, warn_demo_model
 from api_tool.tool import AttentionPromptTool
 
 
@@ -54,7 +55,9 @@ def create_api_agent(
     Args:
         model: a chat model that reads images, or a ``"provider:model"`` string for ``init_chat_model``.
         tools: more tools; an ``AttentionPromptTool`` among them replaces the default one.
-        attention_tool: the attention tool to add (default: ``AttentionPromptTool()``, the demo CLIP).
+        attention_tool: the attention tool to add (default: ``AttentionPromptTool()``, the demo CLIP; then a
+            ``DemoModelWarning``, once per process, says what the demo was trained on and how to use a real
+            model).
         system_prompt: the caller's instructions, placed before the tool guidance.
         middleware: more middleware, outside the image middleware.
         image_middleware: the image middleware (default: ``ImageToolMessageMiddleware()``).
@@ -66,6 +69,9 @@ def create_api_agent(
     all_tools = list(tools)
     if not any(isinstance(tool, AttentionPromptTool) for tool in all_tools):
         all_tools.insert(0, attention_tool or AttentionPromptTool())
+    attention = next(tool for tool in all_tools if isinstance(tool, AttentionPromptTool))
+    if is_demo_model(attention.attributor):
+        warn_demo_model("agent")
     return create_agent(
         model,
         all_tools,

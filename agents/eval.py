@@ -5,7 +5,7 @@ several modes and scores the answers (``agents.metrics``):
 
 * ``plain``: the original image and the question;
 * ``api``: the attention-prompted image alone and the question (the paper's setting);
-* ``verify``, ``masked``, ``masked_hint``, ``iterative``: the self-reflection loop with that strategy
+* ``verify``, ``masked``, ``masked_hint``, ``zoom``, ``iterative``: the self-reflection loop with that strategy
   (``agents.reflection.reflect``; see ``agents.prompts``), starting from the ``plain`` answer, which is
   therefore always computed when a reflection mode is asked for.
 

@@ -16,7 +16,7 @@ from agents.prompts import STRATEGIES
 from api_tool.errors import InvalidParameterError
 from api_tool.render import STYLES, Style
 
-MODES: tuple[str, ...] = ("plain", "api", "verify", "masked", "masked_hint", "iterative")
+MODES: tuple[str, ...] = ("plain", "api", "verify", "masked", "masked_hint", "zoom", "iterative")
 REFLECTION_MODES: tuple[str, ...] = tuple(STRATEGIES)
 ANNOTATING_MODES: frozenset[str] = frozenset(
     {"api", *(name for name, strategy in STRATEGIES.items() if strategy.uses_annotation)}

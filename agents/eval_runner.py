@@ -357,6 +357,7 @@ class ChunkRunner:
                 rounds=len(result.rounds),
                 seconds=result.timings.get("total", 0.0),
                 annotated=self.thumbnail(annotated[0]) if annotated else None,
+                crop_box=list(result.rounds[0].crop_box) if result.rounds and result.rounds[0].crop_box else None,
             )
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:

@@ -9,6 +9,9 @@ A langgraph ``StateGraph``::
 * ``annotate``: the tool builds the attention-prompted image. Round 1 queries the question, as the
   paper does; later rounds query the question and the current answer (the same query would give the
   same image). A backend that scores answers (LLaVA self-attribution) scores the current answer;
+  The ``zoom`` strategy's annotation is the crop of the attended region resized to the tool's
+  ``zoom_size`` (``style="zoom"``), from a tiled map when the image is large (the tool's ``tiles``, or
+  ``"auto"`` when the tool sets none); its box in the original image goes into the trace (``crop_box``);
 * ``reflect``: the target is re-asked with the strategy's images and text (see ``agents.prompts``);
 * another round runs while rounds are left and the last one changed the answer.
 
@@ -46,6 +49,7 @@ from agents.chat_models import ChatTransformersVLM
 from agents.prompts import IMAGE_LABELS, ReflectionStrategy, get_strategy, parse_final_answer
 from api_tool.errors import InvalidParameterError, UnsupportedModelError
 from api_tool.images import ImageRef, encode_image, load_image
+from api_tool.prompt import PromptedImage
 from api_tool.tool import AttentionPromptTool, scores_answers
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
@@ -83,8 +87,10 @@ class ReflectionRound:
         parsed: whether the reply held a clear answer (``FINAL:`` line for ``verify``); if not, the
             previous answer was kept.
         changed: whether this round changed the answer.
-        annotated_image: the annotated image shown (``None`` when the strategy uses none).
+        annotated_image: the annotated image shown, the crop for ``zoom`` (``None`` when the strategy
+            uses none).
         timings: seconds for ``annotate`` and ``reflect``.
+        crop_box: for ``zoom``, the crop's ``(x0, y0, x1, y1)`` in pixels of the original image.
     """
 
     index: int
@@ -98,6 +104,7 @@ class ReflectionRound:
     changed: bool
     annotated_image: Image.Image | None
     timings: dict[str, float]
+    crop_box: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,7 @@ class ReflectionResult:
                 changed=entry["changed"],
                 annotated_image=load_image(entry["annotated_image"]) if entry["annotated_image"] else None,
                 timings=dict(entry["timings"]),
+                crop_box=tuple(entry["crop_box"]) if entry.get("crop_box") else None,  # type: ignore[arg-type]
             )
             for entry in state.get("trace", [])
         ]
@@ -224,6 +232,7 @@ class _ReflectionNodes:
         self.max_rounds = max_rounds
         self.system_prompt = system_prompt
         self.scores_answers = strategy.uses_annotation and scores_answers(tool.backend)
+        self.zooms = "crop" in strategy.images
 
     def _messages(self, content: list[dict[str, Any]]) -> list[BaseMessage]:
         human = HumanMessage(content=content)  # type: ignore[arg-type]
@@ -266,24 +275,34 @@ class _ReflectionNodes:
         query, scored = self.query(state, round_index)
         return round_index, query, scored
 
-    def _annotated(self, round_index: int, query: str, scored: str | None, image: Image.Image, seconds: float) -> dict:
-        data, mime_type = encode_image(image, format=self.tool.image_format, max_side=self.tool.max_side)
+    def _annotated(
+        self, round_index: int, query: str, scored: str | None, prompted: PromptedImage, seconds: float
+    ) -> dict:
+        data, mime_type = encode_image(prompted.image, format=self.tool.image_format, max_side=self.tool.max_side)
         annotation = {
             "image": f"data:{mime_type};base64,{data}",
             "query": query,
             "scored_answer": scored,
             "seconds": seconds,
+            "crop_box": list(prompted.crop_box) if self.zooms and prompted.crop_box is not None else None,
         }
         return {"round": round_index, "annotation": annotation, "timings": {"annotate": seconds}}
 
+    def _prompted(self, image: str, query: str, scored: str | None) -> PromptedImage:
+        """The tool's output for this round: the crop of the attended region for ``zoom``, else its style."""
+        if not self.zooms:
+            return self.tool.annotate(image, query, answer=scored)
+        tiles = self.tool.tiles if self.tool.tiles is not None else "auto"
+        return self.tool.annotate(image, query, answer=scored, style="zoom", tiles=tiles)
+
     def annotate(self, state: ReflectionState) -> dict[str, Any]:
-        """Node: the attention-prompted image for this round (nothing for ``iterative``)."""
+        """Node: the attention-prompted image (the crop for ``zoom``) for this round (nothing for ``iterative``)."""
         round_index, query, scored = self._annotation(state)
         if not self.strategy.uses_annotation:
             return {"round": round_index, "annotation": None}
         start = time.perf_counter()
-        prompted = self.tool.annotate(state["image"], query, answer=scored)
-        return self._annotated(round_index, query, scored, prompted.image, time.perf_counter() - start)
+        prompted = self._prompted(state["image"], query, scored)
+        return self._annotated(round_index, query, scored, prompted, time.perf_counter() - start)
 
     async def aannotate(self, state: ReflectionState) -> dict[str, Any]:
         """Async node: as ``annotate``, the model work in a worker thread."""
@@ -291,14 +310,15 @@ class _ReflectionNodes:
         if not self.strategy.uses_annotation:
             return {"round": round_index, "annotation": None}
         start = time.perf_counter()
-        prompted = await asyncio.to_thread(self.tool.annotate, state["image"], query, answer=scored)
-        return self._annotated(round_index, query, scored, prompted.image, time.perf_counter() - start)
+        prompted = await asyncio.to_thread(self._prompted, state["image"], query, scored)
+        return self._annotated(round_index, query, scored, prompted, time.perf_counter() - start)
 
     def reask_messages(self, state: ReflectionState) -> tuple[list[BaseMessage], str]:
         """The re-ask: each of the strategy's images with its label, then the strategy's text."""
         prompt = self.strategy.render(question=state["question"], answer=state["answer"])
         annotation = state.get("annotation")
-        sources = {"original": state["image"], "annotated": annotation["image"] if annotation else None}
+        shown = annotation["image"] if annotation else None
+        sources = {"original": state["image"], "annotated": shown, "crop": shown}
         content: list[dict[str, Any]] = []
         for role in self.strategy.images:
             source = sources[role]
@@ -325,6 +345,7 @@ class _ReflectionNodes:
             "parsed": parsed_answer is not None,
             "changed": normalize_answer(answer) != normalize_answer(previous),
             "annotated_image": annotation.get("image"),
+            "crop_box": annotation.get("crop_box"),
             "timings": {"annotate": annotation.get("seconds", 0.0), "reflect": seconds},
         }
         return {"answer": answer, "trace": [entry], "timings": {"reflect": seconds}}
@@ -415,7 +436,7 @@ def reflect(
         target: any LangChain chat model that reads images (ChatOpenAI, ChatOllama, ChatTransformersVLM...).
         tool: the annotation tool; ``None`` picks one (see :func:`default_tool`).
         max_rounds: most annotate + reflect rounds; the loop stops early once a round keeps the answer.
-        strategy: ``verify``, ``masked``, ``masked_hint`` or ``iterative`` (see ``agents.prompts``).
+        strategy: ``verify``, ``masked``, ``masked_hint``, ``zoom`` or ``iterative`` (see ``agents.prompts``).
         first_answer: a first answer already known (the first model call is skipped).
         system_prompt: a system message sent with every call to the target.
         self_attribution: see :func:`default_tool`.

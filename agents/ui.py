@@ -621,7 +621,7 @@ def sent_images(image: Image.Image, result: ReflectionResult) -> list[tuple[Imag
     shown = [(original, "round 0: original")]
     for entry in result.rounds:
         for role in strategy.images:
-            picture = entry.annotated_image if role == "annotated" else original
+            picture = entry.annotated_image if role in ("annotated", "crop") else original
             if picture is not None:
                 shown.append((picture, f"round {entry.index}: {role}"))
     return shown

@@ -6,8 +6,12 @@ Usage:
     api-prompt IMAGE... QUESTION -o OUT_DIR              several images (paths, folders or globs)
     api-prompt IMAGE... -q QUESTION [-q QUESTION ...] -o OUT_DIR [--json]
                [--backend clip|llava] [--model demo|ViT-L-14-336|...] [--pretrained openai|PATH]
-               [--layer -2] [--style gray|heatmap|crop|contour] [--combine paper|cls|comp|comp_inverted]
+               [--layer -2] [--style gray|heatmap|crop|contour|zoom] [--combine paper|cls|comp|comp_inverted]
+               [--tiles auto|N|none] [--zoom-size 336]
                [--gray-level 0] [--device cpu|cuda] [--allow-remote] [--overwrite]
+
+With a demo model (the default), one stderr line says once what the demo was trained on and how to use a
+real model (``api_tool.demo_notice``).
 
     api-prompt eval --synthetic all --target demo --modes plain,api,verify --out eval-out
                (the evaluation harness in ``agents``, found through the ``api_prompt.commands`` entry point)
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from api_tool.demo_notice import DEMO_NOTICE, first_notice, is_demo_model, is_user_image
 from api_tool.errors import ApiPromptingError, OutputPathError, RemoteImageNotAllowedError
 from api_tool.families import backend_names, table
 from api_tool.maps import COMBINE_MODES
@@ -41,6 +46,7 @@ from api_tool.summary import map_summary
 
 if TYPE_CHECKING:
     from api_tool.prompt import PromptedImage
+    from api_tool.tiling import Tiles
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 OUTPUT_FORMATS = {
@@ -108,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="open_clip pretrained tag or checkpoint path (default: openai, else the model's first published tag)",
     )
     parser.add_argument("--layer", type=int, default=None, help="block index; negative counts from the end")
-    parser.add_argument("--style", choices=STYLES, default="gray")
+    parser.add_argument("--style", choices=STYLES, default="gray", help="zoom: the attended region enlarged")
+    parser.add_argument(
+        "--tiles",
+        type=parse_tiles,
+        default=None,
+        help="tiled maps for large images: auto (when the image is >= 3x the model input), N tiles along the "
+        "longer side, or none (default)",
+    )
+    parser.add_argument("--zoom-size", type=int, default=336, help="side of the zoom crop (the target's input)")
     parser.add_argument("--combine", choices=COMBINE_MODES, default=None, help="how Psi_cls and Psi_comp merge")
     parser.add_argument("--gray-level", type=int, default=0, help="gray of faded regions, 0..255")
     parser.add_argument("--enhance-coe", type=float, default=None, help="sigmoid sharpening coefficient")
@@ -272,6 +286,9 @@ def _run(args: argparse.Namespace, jobs: Sequence[Job], questions: Sequence[str]
     from api_tool.prompt import attention_prompt_many
 
     spec, options = _spec_and_options(args)
+    tiles = args.tiles
+    if is_demo_model(spec) and any(is_user_image(job.image) for job in jobs) and first_notice("cli"):
+        print(DEMO_NOTICE, file=sys.stderr)
     start = time.perf_counter()
     attributor = get_attributor(spec, **options)
     model_seconds = time.perf_counter() - start
@@ -290,7 +307,13 @@ def _run(args: argparse.Namespace, jobs: Sequence[Job], questions: Sequence[str]
         asked = [(question, output) for question, output in zip(questions, job.outputs) if question.strip()]
         try:
             results = attention_prompt_many(
-                image, [question for question, _ in asked], attributor, args.style, gray_level=args.gray_level
+                image,
+                [question for question, _ in asked],
+                attributor,
+                args.style,
+                gray_level=args.gray_level,
+                tiles=tiles,
+                zoom_size=args.zoom_size,
             )
         except (ApiPromptingError, OSError) as exc:
             report.refuse(f"{job.image}: {exc}")
@@ -309,6 +332,21 @@ def _run(args: argparse.Namespace, jobs: Sequence[Job], questions: Sequence[str]
             report.summaries.append(summary)
             if not args.json:
                 _print_line(summary)
+
+
+def parse_tiles(value: str) -> Tiles:
+    """``--tiles``: ``auto``, ``none`` or a positive number of tiles along the longer side.
+
+    Example:
+        >>> parse_tiles("auto"), parse_tiles("none"), parse_tiles("3")
+        ('auto', None, 3)
+    """
+    lowered = value.strip().lower()
+    if lowered in ("auto", "none"):
+        return "auto" if lowered == "auto" else None
+    if not lowered.isdigit() or int(lowered) < 1:
+        raise argparse.ArgumentTypeError(f"must be auto, none or a positive integer, got {value!r}")
+    return int(lowered)
 
 
 def _spec_and_options(args: argparse.Namespace) -> tuple[str, dict[str, object]]:

@@ -110,3 +110,8 @@ class TargetUnavailableError(ApiPromptingError, ValueError):
 
 class EngineUnavailableError(ApiPromptingError, RuntimeError):
     """The Ray engine cannot run: Ray is not installed, or the cluster at the given address cannot be joined."""
+
+
+class DemoModelWarning(UserWarning):
+    """A demo model (trained only on synthetic scenes of coloured shapes) was used on an image the user
+    brought, where its maps mean little; the message says how to use a real model. Shown once per process."""

@@ -113,7 +113,8 @@ QUESTION_DESCRIPTION = "The question about the image, or the thing to look for, 
 MODEL_DESCRIPTION = "Which attention model to use; leave it out for the server's default (see the tool description)."
 STYLE_DESCRIPTION = (
     "How the attention is drawn: gray (the paper: unattended regions fade to black), heatmap (a colour "
-    "overlay), crop (the attended region only) or contour (its outline on the unchanged image)."
+    "overlay), crop (the attended region only), contour (its outline on the unchanged image) or zoom (the "
+    "attended region enlarged to 336x336 px, for small details in large images; its box is in the text)."
 )
 
 
@@ -216,6 +217,9 @@ class AttentionServer:
             f"x {x0}-{x1}, y {y0}-{y1} px, {summary['attended_fraction']:.1%} of the image. The prompted image "
             f"follows; check your answer against the highlighted regions. Timings: {stages}."
         )
+        if "crop_box" in summary:
+            cx0, cy0, cx1, cy1 = summary["crop_box"]
+            text += f" The image shows x {cx0}-{cx1}, y {cy0}-{cy1} px of the original."
         return CallToolResult(
             content=[TextContent(type="text", text=text), ImageContent(type="image", data=data, mimeType=mime_type)]
         )

@@ -7,6 +7,9 @@ Styles:
 * ``crop``: the tight box around the attended region (``mask >= threshold``) plus a margin, as
   ViCrop does; the crop keeps the original pixels.
 * ``contour``: the outline of the attended region drawn over the unchanged image.
+* ``zoom``: ViCrop's zoom for small details: a crop around the attended region, at least
+  ``min_share`` of the image's shorter side, with the target's aspect (``api_tool.geometry.zoom_box``),
+  resized to the target's input (``zoom_size``, 336 px by default as LLaVA-1.5's).
 
 The mask may be float32 or float64 (any real dtype); values outside [0, 1] are clipped. Every style
 works in horizontal bands of rows (``api_tool.geometry.row_bands``), converting one band of pixels
@@ -25,17 +28,25 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
 from api_tool.errors import InvalidParameterError
-from api_tool.geometry import row_bands
+from api_tool.geometry import ZOOM_MIN_SHARE, resample_filter, row_bands, zoom_box
 
-Style = Literal["gray", "heatmap", "crop", "contour"]
-STYLES: tuple[str, ...] = ("gray", "heatmap", "crop", "contour")
+Style = Literal["gray", "heatmap", "crop", "contour", "zoom"]
+STYLES: tuple[str, ...] = ("gray", "heatmap", "crop", "contour", "zoom")
+CROP_STYLES: frozenset[str] = frozenset({"crop", "zoom"})
+"""Styles whose image is a part of the original (``crop_box`` says which part)."""
+CROP_MARGIN = 0.1
+"""How much the ``crop`` style grows the attended box, as a share of its size."""
+ZOOM_MARGIN = 0.25
+"""How much the ``zoom`` style grows the attended region before the minimum size applies."""
+ZOOM_SIZE = 336
+"""The zoom crop's side in pixels unless the target's input size is given (LLaVA-1.5's 336 px)."""
 
 
 def render(
@@ -43,24 +54,55 @@ def render(
     mask: NDArray[np.floating],
     style: Style = "gray",
     gray_level: int = 0,
+    **options: Any,
+) -> Image.Image:
+    """Render ``mask`` (``(H, W)`` in [0, 1], aligned with ``image``) in the given ``style``; ``options`` as
+    :func:`render_with_box`."""
+    return render_with_box(image, mask, style, gray_level, **options)[0]
+
+
+def render_with_box(
+    image: Image.Image,
+    mask: NDArray[np.floating],
+    style: Style = "gray",
+    gray_level: int = 0,
     *,
     alpha: float = 0.5,
     threshold: float = 0.5,
-    margin: float = 0.1,
+    margin: float | None = None,
     color: tuple[int, int, int] = (255, 0, 0),
     line_width: int | None = None,
-) -> Image.Image:
-    """Render ``mask`` (``(H, W)`` in [0, 1], aligned with ``image``) in the given ``style``."""
+    zoom_size: int | tuple[int, int] = ZOOM_SIZE,
+    min_share: float = ZOOM_MIN_SHARE,
+) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
+    """The rendered image and, for the ``crop`` and ``zoom`` styles, the box of the original it shows
+    (``(x0, y0, x1, y1)`` pixels; ``None`` for the other styles).
+
+    ``zoom_size`` (``zoom`` style) is the target's input, a side or ``(width, height)``; ``min_share`` the
+    least share of the image's shorter side the zoom crop spans; ``margin`` grows the attended region by
+    that share of its size (``crop``: 0.1 by default, ``zoom``: 0.25).
+
+    Example:
+        >>> image = Image.new("RGB", (8, 8))
+        >>> mask = np.zeros((8, 8))
+        >>> mask[2:4, 2:4] = 1.0
+        >>> render_with_box(image, mask, "crop", margin=0.0)[1]
+        (2, 2, 4, 4)
+    """
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # read only: no full-size copy
     mask = _checked_mask(mask, rgb.size)
-    if style == "gray":
-        return blend_gray(rgb, mask, gray_level)
-    if style == "heatmap":
-        return overlay_heatmap(rgb, mask, alpha)
+    if style == "zoom":
+        zoom_margin = ZOOM_MARGIN if margin is None else margin
+        return zoom_view(rgb, mask, zoom_size, threshold=threshold, margin=zoom_margin, min_share=min_share)
     if style == "crop":
-        return rgb.crop(attention_box(mask, threshold, margin))
+        box = attention_box(mask, threshold, CROP_MARGIN if margin is None else margin)
+        return rgb.crop(box), box
+    if style == "gray":
+        return blend_gray(rgb, mask, gray_level), None
+    if style == "heatmap":
+        return overlay_heatmap(rgb, mask, alpha), None
     if style == "contour":
-        return draw_contour(rgb, mask, threshold, color, line_width)
+        return draw_contour(rgb, mask, threshold, color, line_width), None
     raise InvalidParameterError(f"style must be one of {STYLES}, got {style!r}")
 
 
@@ -102,6 +144,36 @@ def overlay_heatmap(image: Image.Image, mask: NDArray[np.floating], alpha: float
         pixels += heat
         out.paste(Image.fromarray(np.rint(pixels, out=pixels).astype(np.uint8), mode="RGB"), (0, top))
     return out
+
+
+def zoom_view(
+    image: Image.Image,
+    mask: NDArray[np.floating],
+    zoom_size: int | tuple[int, int] = ZOOM_SIZE,
+    *,
+    threshold: float = 0.5,
+    margin: float = ZOOM_MARGIN,
+    min_share: float = ZOOM_MIN_SHARE,
+    resample: str = "bicubic",
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The zoomed crop of the attended region, resized to ``zoom_size`` (the target's input: a side or
+    ``(width, height)``, whose aspect the crop takes), and the crop's box in the original image.
+
+    Example:
+        >>> image = Image.new("RGB", (1000, 600), (0, 0, 0))
+        >>> mask = np.zeros((600, 1000))
+        >>> mask[290:310, 890:910] = 1.0
+        >>> view, box = zoom_view(image, mask, 336)
+        >>> view.size, box
+        ((336, 336), (810, 210, 990, 390))
+    """
+    width, height = (zoom_size, zoom_size) if isinstance(zoom_size, int) else zoom_size
+    if width < 1 or height < 1:
+        raise InvalidParameterError(f"zoom_size must be positive, got {zoom_size!r}")
+    box = zoom_box(
+        _checked_mask(mask, image.size), threshold=threshold, margin=margin, min_share=min_share, aspect=width / height
+    )
+    return image.resize((width, height), resample_filter(resample), box=box), box
 
 
 def attention_box(mask: NDArray[np.floating], threshold: float = 0.5, margin: float = 0.1) -> tuple[int, int, int, int]:

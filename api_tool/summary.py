@@ -28,7 +28,8 @@ def map_summary(
 ) -> dict[str, Any]:
     """A JSON-ready description of one map: where it peaks in pixels (``x``, ``y`` of the mask's
     maximum), the attended box (``mask >= 0.5``, as ``x0, y0, x1, y1``), sizes and settings; ``output``
-    (where the prompted image was written) is included when given, and the answer of an LVLM backend."""
+    (where the prompted image was written) is included when given, the part of the image a ``crop`` or
+    ``zoom`` shows (``crop_box``), the tiles of a tiled map (``tiles``) and the answer of an LVLM backend."""
     import numpy as np
 
     from api_tool.render import attention_box
@@ -46,6 +47,10 @@ def map_summary(
         "box": list(attention_box(mask, threshold=BOX_THRESHOLD, margin=0.0)),
         "attended_fraction": round(float((mask >= BOX_THRESHOLD).mean()), 6),
     }
+    if result.crop_box is not None:
+        summary["crop_box"] = list(result.crop_box)
+    if result.tiles:
+        summary["tiles"] = [list(tile) for tile in result.tiles]
     answer = result.map.metadata.get("answer")
     if answer is not None:
         summary["answer"] = answer

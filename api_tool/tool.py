@@ -54,12 +54,14 @@ from pydantic.v1 import ValidationError as ValidationErrorV1
 
 from api_tool.backends.base import Attributor, check_query
 from api_tool.backends.registry import get_attributor
+from api_tool.demo_notice import DEMO_NOTICE, first_notice, is_demo_model
 from api_tool.errors import ApiPromptingError, ImageLoadError, ImagePathNotAllowedError, InvalidParameterError
 from api_tool.image_refs import load_named_image, resolve_allowed_dirs
 from api_tool.images import ImageRef, encode_image, load_image
 from api_tool.maps import AttributionMap
 from api_tool.prompt import PromptedImage, attention_prompt
-from api_tool.render import Style
+from api_tool.render import ZOOM_SIZE, Style
+from api_tool.tiling import Tiles
 
 TOOL_NAME = "attention_prompt"
 TOOL_DESCRIPTION = (
@@ -248,7 +250,11 @@ class AttentionPromptTool(BaseTool):
         attributor: an ``Attributor``, a registry spec (``"demo"``, ``"clip:ViT-L-14-336@openai"``,
             ``"llava:<dir>"``) or ``None`` for the offline demo CLIP; resolved once, on first use.
         attributor_options: keyword arguments for ``get_attributor`` (``layer``, ``device``, ...).
-        style, gray_level: how the mask is drawn (``api_tool.render``).
+        style, gray_level: how the mask is drawn (``api_tool.render``); ``style="zoom"`` returns the crop of
+            the attended region resized to ``zoom_size`` (ViCrop), its box named in the text.
+        zoom_size: the zoom crop's side in pixels (the target's input; 336 as LLaVA-1.5).
+        tiles: tiled attribution for large images (``api_tool.tiling``): ``"auto"``, a number of tiles along
+            the longer side, or ``None`` (never).
         max_side: longest side of the returned image in pixels (``None``: the original size).
         image_format: ``"PNG"`` or ``"JPEG"`` for the returned image.
         allow_remote: let ``image`` be an ``http(s)`` URL.
@@ -276,6 +282,8 @@ class AttentionPromptTool(BaseTool):
     attributor_options: dict[str, Any] = Field(default_factory=dict)
     style: Style = "gray"
     gray_level: int = Field(default=0, ge=0, le=255)
+    zoom_size: int = Field(default=ZOOM_SIZE, ge=8)
+    tiles: Tiles = None
     max_side: int | None = Field(default=768, ge=1)
     image_format: Literal["PNG", "JPEG"] = "PNG"
     allow_remote: bool = False
@@ -306,10 +314,19 @@ class AttentionPromptTool(BaseTool):
                 self._backend = get_attributor(self.attributor, **self.attributor_options)
             return self._backend
 
-    def annotate(self, image: ImageRef, question: str, *, answer: str | None = None) -> PromptedImage:
+    def annotate(
+        self,
+        image: ImageRef,
+        question: str,
+        *,
+        answer: str | None = None,
+        style: Style | None = None,
+        tiles: Tiles | Literal["default"] = "default",
+    ) -> PromptedImage:
         """The prompted image for ``question``; with ``answer`` and a backend that scores answers (LLaVA),
-        the map is the one of generating that answer. The caller is trusted: ``image`` may be any path
-        (``allowed_dirs`` only limits the paths a model names in a tool call).
+        the map is the one of generating that answer. ``style`` and ``tiles`` override the tool's own for
+        this call (the reflection loop's ``zoom`` strategy asks for ``style="zoom"``). The caller is trusted:
+        ``image`` may be any path (``allowed_dirs`` only limits the paths a model names in a tool call).
 
         Raises the package's errors (``ImageLoadError``, ``InvalidQueryError``...) on bad input.
 
@@ -319,7 +336,15 @@ class AttentionPromptTool(BaseTool):
         backend = self.backend
         if answer is not None and scores_answers(backend):
             backend = AnswerScoringAttributor(backend, answer)
-        return attention_prompt(image, question, attributor=backend, style=self.style, gray_level=self.gray_level)
+        return attention_prompt(
+            image,
+            question,
+            attributor=backend,
+            style=style or self.style,
+            gray_level=self.gray_level,
+            tiles=self.tiles if tiles == "default" else tiles,
+            zoom_size=self.zoom_size,
+        )
 
     def _run(
         self,
@@ -336,11 +361,22 @@ class AttentionPromptTool(BaseTool):
             raise ToolException(f"attention_prompt could not run: {exc}") from exc
         total = result.timings.get("total", sum(result.timings.values()))
         backend = describe_attributor(self.backend)
-        text = (
-            f"Highlighted the regions of {origin} most relevant to {question.strip()!r} with the {backend} "
-            f"attributor in {total:.2f} s; the rest is de-emphasised ({self.style} style). "
-            "The annotated image follows; check your answer against the highlighted regions."
-        )
+        if result.crop_box is not None:
+            x0, y0, x1, y1 = result.crop_box
+            width, height = result.original.size
+            text = (
+                f"Zoomed in on the region of {origin} most relevant to {question.strip()!r} with the {backend} "
+                f"attributor in {total:.2f} s: x {x0}-{x1}, y {y0}-{y1} px of the {width}x{height} image "
+                f"({self.style} style). The enlarged region follows; check your answer against its details."
+            )
+        else:
+            text = (
+                f"Highlighted the regions of {origin} most relevant to {question.strip()!r} with the {backend} "
+                f"attributor in {total:.2f} s; the rest is de-emphasised ({self.style} style). "
+                "The annotated image follows; check your answer against the highlighted regions."
+            )
+        if is_demo_model(self.backend) and first_notice("tool"):
+            text = f"{text} {DEMO_NOTICE}"
         content = [{"type": "text", "text": text}, {"type": "image", "base64": data, "mime_type": mime_type}]
         artifact = {
             "mask": result.mask,
@@ -351,6 +387,8 @@ class AttentionPromptTool(BaseTool):
             "backend": backend,
             "style": self.style,
             "gray_level": self.gray_level,
+            "crop_box": result.crop_box,
+            "tiles": result.tiles,
             "max_side": self.max_side,
             "timings": dict(result.timings),
         }

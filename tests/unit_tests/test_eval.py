@@ -463,7 +463,7 @@ def test_modes_and_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(InvalidParameterError, match=r"modes \['api'\] need an attributor"):
         evaluate(items, RuleTarget(), out_dir=tmp_path / "o", modes=("api",))
     with pytest.raises(InvalidParameterError, match="unknown or no modes"):
-        EvalOptions(modes=("plain", "zoom"))
+        EvalOptions(modes=("plain", "zoomed"))
     with pytest.raises(InvalidParameterError, match="batch_size must be at least 1"):
         EvalOptions(batch_size=0)
     with pytest.raises(InvalidParameterError, match="--combine applies to CLIP"):
@@ -550,5 +550,5 @@ def test_main_runs_a_local_llava_with_self_attribution(tmp_path: Path, capsys: p
 def test_main_reports_bad_input_with_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "dataset file not found" in capsys.readouterr().err
-    assert main(["--synthetic", "random", "--n", "1", "--modes", "plain,zoom", "--out", str(tmp_path / "o")]) == 2
+    assert main(["--synthetic", "random", "--n", "1", "--modes", "plain,zoomed", "--out", str(tmp_path / "o")]) == 2
     assert "unknown or no modes" in capsys.readouterr().err
