@@ -15,7 +15,7 @@ from agents.eval_options import EvalOptions
 from agents.eval_ray import RayOptions, evaluate_on_ray
 from agents.eval_reports import EvalReport
 from agents.eval_runner import evaluate
-from agents.metrics import change_counts, pope_scores
+from agents.metrics import bootstrap_interval, change_counts, mcnemar_test, paired_difference_interval, pope_scores
 from agents.middleware import ImageToolMessageMiddleware, accepts_tool_message_images, hoist_tool_images
 from agents.prompts import AGENT_SYSTEM_PROMPT, STRATEGIES, ReflectionStrategy, get_strategy, parse_final_answer
 from agents.reflection import (
@@ -44,6 +44,7 @@ __all__ = [
     "accepts_tool_message_images",
     "api_system_prompt",
     "areflect",
+    "bootstrap_interval",
     "build_reflection_graph",
     "change_counts",
     "convert_pope",
@@ -54,6 +55,8 @@ __all__ = [
     "get_strategy",
     "hoist_tool_images",
     "load_jsonl",
+    "mcnemar_test",
+    "paired_difference_interval",
     "parse_final_answer",
     "parse_tool_calls",
     "pope_scores",

@@ -1,4 +1,4 @@
-"""Scoring of evaluation answers: pure functions over strings, no models, no files.
+"""Scoring of evaluation answers and the statistics of a study: pure functions, no models, no files.
 
 * POPE (as LLaVA's ``eval_pope.py`` scores it): keep the answer's first sentence, drop commas, split into
   words; the words ``No``, ``no`` or ``not`` mean "no", anything else means "yes" (an empty answer is a
@@ -10,6 +10,11 @@
 * One rule for "is this answer right": :func:`is_correct` scores a yes/no reference the POPE way and any
   other reference by normalised match; :func:`scored_form` is what that rule compares, so two answers
   "differ" (:func:`change_counts`) only when the score could see the difference.
+* Study statistics (numpy, vectorised): :func:`bootstrap_interval` (a mean, e.g. accuracy, with its
+  percentile bootstrap interval, seeded), :func:`paired_difference_interval` (two modes on the same items,
+  items resampled together), :func:`mcnemar_test` (exact, two-sided, on the discordant pairs),
+  :func:`final_line_share` and :func:`tool_call_rates`, and how a map covers ground-truth regions
+  (:func:`mask_mass_shares`, :func:`region_enrichment`, :func:`region_peaks`).
 
 Undefined ratios (precision with no "yes" answers, recall with no "yes" references, anything on zero
 items) are ``None``, never a made-up 0 or 1.
@@ -26,10 +31,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
 
 from api_tool.errors import InvalidParameterError
 
@@ -544,3 +553,307 @@ def choice_of(answer: str, options: Sequence[str]) -> str | None:
         if normalize_short_answer(option) == wanted:
             return letter
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Study statistics: paired bootstrap intervals, McNemar's exact test, shares, map coverage.
+# ----------------------------------------------------------------------------------------------
+
+BOOTSTRAP_RESAMPLES = 10_000
+"""Resamples of the percentile bootstrap unless told otherwise."""
+BOOTSTRAP_SEED = 0
+"""The seed of the bootstrap's generator unless told otherwise (intervals are reproducible)."""
+_BOOTSTRAP_CHUNK = 1_000
+"""Resamples drawn per block, so memory stays at ``_BOOTSTRAP_CHUNK * n`` indices whatever the count."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its percentile bootstrap interval.
+
+    Attributes:
+        estimate: the statistic on the items themselves (a mean, or a difference of means).
+        low, high: the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resampled statistic.
+        level: the coverage asked for (0.95).
+        n: items resampled; resamples: how many resamples; seed: the generator's seed.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+    n: int
+    resamples: int
+    seed: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether 0 lies outside ``[low, high]`` (a difference "significant" at this level)."""
+        return self.low > 0.0 or self.high < 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields (and ``excludes_zero``) as a JSON-ready dict."""
+        return {**asdict(self), "excludes_zero": self.excludes_zero}
+
+
+def _as_scores(values: Sequence[float] | NDArray[np.generic], name: str) -> NDArray[np.float64]:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise InvalidParameterError(f"{name} must be one score per item (1-D), got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise InvalidParameterError(f"{name} holds a NaN or infinite score")
+    return array
+
+
+def bootstrap_indices(n: int, resamples: int, seed: int) -> Iterator[NDArray[np.intp]]:
+    """The item indices of each resample, ``(rows, n)`` blocks of at most 1,000 rows, from
+    ``numpy.random.default_rng(seed)``: the same seed gives the same resamples, so two statistics
+    bootstrapped with one seed are resampled on the same items (paired).
+
+    Example:
+        >>> blocks = list(bootstrap_indices(4, 3, seed=0))
+        >>> [block.shape for block in blocks]
+        [(3, 4)]
+    """
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, _BOOTSTRAP_CHUNK):
+        yield rng.integers(0, n, size=(min(_BOOTSTRAP_CHUNK, resamples - start), n))
+
+
+def _check_bootstrap(n: int, resamples: int, level: float) -> None:
+    if n < 1:
+        raise InvalidParameterError("a bootstrap interval needs at least one item")
+    if resamples < 1:
+        raise InvalidParameterError(f"resamples must be at least 1, got {resamples}")
+    if not 0.0 < level < 1.0:
+        raise InvalidParameterError(f"level must be in (0, 1), got {level}")
+
+
+def bootstrap_means(
+    values: Sequence[float] | NDArray[np.generic],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> NDArray[np.float64]:
+    """The mean of ``values`` on each of ``resamples`` resamples of the items (with replacement).
+
+    Example:
+        >>> bootstrap_means([1.0, 1.0, 1.0], resamples=4).tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
+    scores = _as_scores(values, "values")
+    _check_bootstrap(len(scores), resamples, 0.5)
+    return np.concatenate([scores[block].mean(axis=1) for block in bootstrap_indices(len(scores), resamples, seed)])
+
+
+def bootstrap_interval(
+    values: Sequence[float] | NDArray[np.generic],
+    *,
+    level: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> Interval:
+    """The mean of per-item scores (1/0 correctness gives accuracy) with its percentile bootstrap interval.
+
+    Raises ``InvalidParameterError`` on no items, a score that is not finite, or a level outside (0, 1).
+
+    Example:
+        >>> interval = bootstrap_interval([1, 0, 1, 1] * 25)
+        >>> interval.estimate, interval.low < 0.75 < interval.high
+        (0.75, True)
+        >>> bootstrap_interval([1, 1, 1]).low
+        1.0
+    """
+    scores = _as_scores(values, "values")
+    _check_bootstrap(len(scores), resamples, level)
+    means = bootstrap_means(scores, resamples=resamples, seed=seed)
+    low, high = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return Interval(float(scores.mean()), float(low), float(high), level, len(scores), resamples, seed)
+
+
+def paired_difference_interval(
+    first: Sequence[float] | NDArray[np.generic],
+    second: Sequence[float] | NDArray[np.generic],
+    *,
+    level: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> Interval:
+    """``mean(second - first)`` over the same items (the difference of the two means), with a paired
+    percentile bootstrap interval: each resample draws items (not answers), so both modes' scores of an
+    item stay together.
+
+    Raises ``InvalidParameterError`` when the two hold different numbers of items.
+
+    Example:
+        >>> interval = paired_difference_interval([0, 1, 0, 1] * 25, [1, 1, 0, 1] * 25)
+        >>> interval.estimate, interval.excludes_zero
+        (0.25, True)
+        >>> paired_difference_interval([1, 0, 1], [1, 0, 1]).as_dict()["high"]
+        0.0
+    """
+    before = _as_scores(first, "first")
+    after = _as_scores(second, "second")
+    if len(before) != len(after):
+        raise InvalidParameterError(f"paired scores need the same items: got {len(before)} and {len(after)}")
+    return bootstrap_interval(after - before, level=level, resamples=resamples, seed=seed)
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """McNemar's exact test on paired right/wrong outcomes of two modes.
+
+    Attributes:
+        n: paired items.
+        b: items the first mode got right and the second wrong (right -> wrong).
+        c: items the first mode got wrong and the second right (wrong -> right).
+        p_value: the two-sided exact binomial p-value of ``min(b, c)`` among ``b + c`` discordant pairs
+            under p = 1/2 (1.0 when there are none).
+    """
+
+    n: int
+    b: int
+    c: int
+    p_value: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: ``min(1, 2 * P(X <= min(b, c)))`` for X ~ Binomial(b + c, 1/2),
+    in exact integer arithmetic.
+
+    Example:
+        >>> round(mcnemar_exact_p(10, 2), 4), mcnemar_exact_p(3, 3), mcnemar_exact_p(0, 0)
+        (0.0386, 1.0, 1.0)
+    """
+    if b < 0 or c < 0:
+        raise InvalidParameterError(f"discordant counts must be non-negative, got b={b}, c={c}")
+    total = b + c
+    tail = sum(math.comb(total, k) for k in range(min(b, c) + 1))
+    return min(1.0, 2 * tail / 2**total)
+
+
+def mcnemar_test(first_correct: Sequence[bool], second_correct: Sequence[bool]) -> McNemarResult:
+    """McNemar's exact test on two modes' correctness over the same items (see :class:`McNemarResult`).
+
+    Example:
+        >>> result = mcnemar_test([True] * 10 + [False] * 2, [False] * 10 + [True] * 2)
+        >>> result.b, result.c, round(result.p_value, 4)
+        (10, 2, 0.0386)
+    """
+    if len(first_correct) != len(second_correct):
+        raise InvalidParameterError(
+            f"paired outcomes need the same items: got {len(first_correct)} and {len(second_correct)}"
+        )
+    b = sum(bool(x) and not bool(y) for x, y in zip(first_correct, second_correct))
+    c = sum(bool(y) and not bool(x) for x, y in zip(first_correct, second_correct))
+    return McNemarResult(n=len(first_correct), b=b, c=c, p_value=mcnemar_exact_p(b, c))
+
+
+@dataclass(frozen=True)
+class Share:
+    """How many of ``n`` items have a property.
+
+    Attributes:
+        n: items; count: items with the property; rate: count / n (``None`` on no items).
+    """
+
+    n: int
+    count: int
+    rate: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def share(flags: Sequence[bool]) -> Share:
+    """The share of true flags.
+
+    Example:
+        >>> share([True, False, True, True]).rate, share([]).rate
+        (0.75, None)
+    """
+    count = sum(bool(flag) for flag in flags)
+    return Share(n=len(flags), count=count, rate=_ratio(count, len(flags)))
+
+
+def final_line_share(replies: Sequence[str]) -> Share:
+    """The share of replies with a parsable ``FINAL: <answer>`` line (``agents.prompts.parse_final_answer``).
+
+    Example:
+        >>> final_line_share(["I see it.\\nFINAL: red", "red", "FINAL:"]).count
+        1
+    """
+    from agents.prompts import parse_final_answer
+
+    return share([parse_final_answer(reply) is not None for reply in replies])
+
+
+def tool_call_rates(tool_calls: Sequence[int], groups: Sequence[Hashable]) -> dict[Hashable, Share]:
+    """Per group, the share of conversations with at least one tool call (``tool_calls``: calls per
+    conversation), groups in order of first appearance.
+
+    Example:
+        >>> rates = tool_call_rates([1, 0, 2, 0], ["detail", "whole", "detail", "whole"])
+        >>> rates["detail"].rate, rates["whole"].rate
+        (1.0, 0.0)
+    """
+    if len(tool_calls) != len(groups):
+        raise InvalidParameterError(f"got {len(tool_calls)} call counts but {len(groups)} groups")
+    return {group: share([tool_calls[i] > 0 for i in indices]) for group, indices in group_indices(groups).items()}
+
+
+def mask_mass_shares(weights: NDArray[np.floating], masks: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """The share of a map's total mass inside each of ``masks``: ``weights`` ``(H, W)`` non-negative,
+    ``masks`` ``(K, H, W)`` boolean; returns ``(K,)`` (zeros when the map has no mass).
+
+    Example:
+        >>> weights = np.array([[3.0, 1.0], [0.0, 0.0]])
+        >>> mask_mass_shares(weights, np.array([[[True, False], [False, False]]])).tolist()
+        [0.75]
+    """
+    grid = np.asarray(weights, dtype=np.float64)
+    regions = np.asarray(masks, dtype=bool)
+    if regions.ndim != 3 or regions.shape[1:] != grid.shape:
+        raise InvalidParameterError(f"masks must be (K, {grid.shape[0]}, {grid.shape[1]}), got {regions.shape}")
+    if (grid < 0).any():
+        raise InvalidParameterError("map weights must be non-negative")
+    total = grid.sum()
+    inside = np.einsum("khw,hw->k", regions.astype(np.float64), grid)
+    return inside / total if total > 0 else np.zeros(len(regions))
+
+
+def region_enrichment(weights: NDArray[np.floating], masks: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """Per mask, its share of the map's mass divided by its share of the pixels: 1 for a uniform map,
+    above 1 where the map concentrates (``(K,)``; 0 for an empty mask).
+
+    Example:
+        >>> weights = np.array([[3.0, 1.0], [0.0, 0.0]])
+        >>> region_enrichment(weights, np.array([[[True, False], [False, False]]])).tolist()
+        [3.0]
+    """
+    regions = np.asarray(masks, dtype=bool)
+    mass = mask_mass_shares(weights, regions)
+    area = regions.reshape(len(regions), -1).mean(axis=1)
+    return np.divide(mass, area, out=np.zeros_like(mass), where=area > 0)
+
+
+def region_peaks(weights: NDArray[np.floating], masks: NDArray[np.bool_]) -> NDArray[np.float64]:
+    """Per mask, the map's largest value inside it divided by the map's largest value anywhere (``(K,)``
+    in [0, 1]; 1 where the global peak lies; 0 for an empty mask or a map without mass).
+
+    Example:
+        >>> weights = np.array([[4.0, 1.0], [2.0, 0.0]])
+        >>> region_peaks(weights, np.array([[[False, True], [True, False]]])).tolist()
+        [0.5]
+    """
+    grid = np.asarray(weights, dtype=np.float64)
+    regions = np.asarray(masks, dtype=bool)
+    mask_mass_shares(grid, regions)  # the same shape and sign checks
+    top = grid.max(initial=0.0)
+    inside = np.where(regions, grid[None], -np.inf).reshape(len(regions), -1).max(axis=1, initial=-np.inf)
+    return np.where(np.isfinite(inside) & (top > 0), inside / top if top > 0 else 0.0, 0.0)
