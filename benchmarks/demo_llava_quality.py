@@ -21,6 +21,14 @@ the model's square input with the processor's mean colour; the processor neither
    * energy: the share of the mask's sum inside the box;
    * baseline: box area / image area (what a random point or a uniform mask scores).
 
+3. The assistant (``--assistant-scenes N``, 0 skips it), through ``ChatTransformersVLM`` exactly as
+   the agent and the loop call it: on ``SMALL_OBJECT_CONFIG`` scenes (1024-1536 px canvases, small
+   objects), colour and shape questions asked plain and as the ``zoom`` strategy asks them (original
+   plus a crop around the asked-about object, its box grown 2.4x); and, with the attention tool bound
+   and the agent's system prompt, the share of detail questions answered by a tool call and of
+   whole-scene questions ("describe the image.", "how many objects are there in all?") answered
+   directly.
+
 Usage:
     python benchmarks/demo_llava_quality.py [--scenes 200] [--pointing-scenes 75] [--weights DIR] [--json out.json]
 
@@ -40,14 +48,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from PIL import Image
 
+from agents.agent import api_system_prompt
+from agents.chat_models import ChatTransformersVLM
+from agents.prompts import IMAGE_LABELS
+from agents.reflection import normalize_answer
 from api_tool.backends.llava import LlavaAttributor
 from api_tool.backends.lvlm import answer_token_ids, prompt_text
-from api_tool.demo.scenes import Question, Scene, SceneObject, generate_scene, scene_questions
+from api_tool.demo.scenes import (
+    SMALL_OBJECT_CONFIG,
+    WHOLE_SCENE_TYPES,
+    Question,
+    Scene,
+    SceneObject,
+    generate_scene,
+    make_question,
+    name_of,
+    scene_questions,
+    whole_scene_question,
+)
 from api_tool.demo.tiny_llava import DEMO_LLAVA_DIR, load_tiny_llava
 from api_tool.geometry import Letterbox
-from training.train_llava import LOCATION_TEMPLATE, TYPE_NAMES, location_answer
+from api_tool.images import encode_image
+from api_tool.tool import TOOL_NAME, AttentionPromptTool
+from training.llava_questions import LOCATION_TEMPLATE, TYPE_NAMES, location_answer
 
 NON_SQUARE_SIZES: tuple[tuple[int, int], ...] = ((320, 224), (224, 320), (384, 224), (256, 384), (352, 256))
 QUERY_KINDS: dict[str, str] = {"existence": "is there {a} {x} in the image?", "location": LOCATION_TEMPLATE}
@@ -229,6 +255,50 @@ def summarise_pointing(rows: Sequence[PointingRow]) -> list[dict[str, object]]:
     return table
 
 
+def _image_block(image: Image.Image) -> dict[str, str]:
+    data, mime_type = encode_image(image, format="PNG")
+    return {"type": "image", "base64": data, "mime_type": mime_type}
+
+
+def object_crop(scene: Scene, obj: SceneObject, grow: float = 2.4) -> Image.Image:
+    """A square crop centred on ``obj``'s box, ``grow`` times its longer side."""
+    x0, y0, x1, y1 = obj.box
+    half = max(x1 - x0, y1 - y0) * grow / 2
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return scene.image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+
+
+def assistant(chat: ChatTransformersVLM, count: int, seed_base: int) -> dict[str, dict[str, float]]:
+    """Plain vs zoom accuracy on small-object scenes, and the agent's tool-call rates (see the module doc)."""
+    bound = chat.bind_tools([AttentionPromptTool()])
+    hits: dict[str, list[bool]] = {"plain": [], "zoom": [], "tool_call_detail": [], "tool_call_whole": []}
+    for index in range(count):
+        scene = generate_scene(seed_base + 700_000 + index, config=SMALL_OBJECT_CONFIG)
+        rng = random.Random(seed_base + index)
+        question = make_question(scene.objects, rng.choice(["colour", "shape"]), rng)
+        if question is None:
+            continue
+        obj = next(o for o in scene.objects if name_of(o) in question.targets)
+        image = _image_block(scene.image)
+        text = {"type": "text", "text": question.question}
+        plain = chat.invoke([HumanMessage([image, text])]).text
+        labelled = [{"type": "text", "text": IMAGE_LABELS["original"]}, image]
+        labelled += [{"type": "text", "text": IMAGE_LABELS["crop"]}, _image_block(object_crop(scene, obj)), text]
+        zoom = chat.invoke([HumanMessage(labelled)]).text
+        hits["plain"].append(normalize_answer(plain) == question.answer)
+        hits["zoom"].append(normalize_answer(zoom) == question.answer)
+        whole = whole_scene_question(scene.objects, WHOLE_SCENE_TYPES[index % 2], rng)
+        for key, asked in (("tool_call_detail", question), ("tool_call_whole", whole)):
+            messages = [
+                SystemMessage(api_system_prompt()),
+                HumanMessage([{"type": "text", "text": asked.question}, image]),
+            ]
+            reply = bound.invoke(messages)
+            assert isinstance(reply, AIMessage)
+            hits[key].append(any(call["name"] == TOOL_NAME for call in reply.tool_calls))
+    return {key: {"rate": float(np.mean(values)), "questions": len(values)} for key, values in hits.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run both measurements and print a Markdown summary."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed-base", type=int, default=2_000_000)
     parser.add_argument("--weights", default=str(DEMO_LLAVA_DIR), help="save_pretrained folder of the demo LLaVA")
     parser.add_argument("--layers", type=int, nargs="*", default=None, help="decoder layers (default: all)")
+    parser.add_argument("--assistant-scenes", type=int, default=40, help="small-object scenes for the assistant part")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
 
@@ -273,10 +344,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     overall = [r for r in table if r["kind"] == "all"]
     best = max(overall, key=lambda r: (r["pointing"], r["energy"]))
     print(f"\nbest layer by pointing (all queries): {best['layer']}  ({time.time() - started:.0f}s)")
+    assistant_rates = {}
+    if args.assistant_scenes:
+        chat = ChatTransformersVLM(model=str(args.weights), hf_model=model, processor=processor, max_tokens=48)
+        assistant_rates = assistant(chat, args.assistant_scenes, args.seed_base)
+        print("\nassistant through ChatTransformersVLM (small-object scenes; tool calls with the tool bound):")
+        for key, value in assistant_rates.items():
+            print(f"  {key}: {value['rate']:.3f} of {value['questions']}")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"accuracy": summary, "pointing": table, "best_layer": best["layer"], "weights": args.weights},
+                {
+                    "accuracy": summary,
+                    "pointing": table,
+                    "best_layer": best["layer"],
+                    "assistant": assistant_rates,
+                    "weights": args.weights,
+                },
                 indent=1,
             )
         )

@@ -1,13 +1,16 @@
-"""Train the demo LLaVA to answer questions about synthetic scenes generated on the fly.
+"""Train the demo LLaVA, an assistant that answers questions about synthetic scenes, calls the attention
+tool through its chat template and follows the reflection loop's formats.
 
 Recipe (what each part is for):
 
 * Model: ``api_tool.demo.tiny_llava``'s builders; a CLIP ViT vision tower (224 px, patch 16, a
   14 x 14 grid, width 192, 4 blocks, trained from scratch here) whose last block feeds the
   projector (``vision_feature_layer=-1``, so no stored block goes unused), and a Llama (width 256,
-  4 blocks, 4 query heads over 2 key/value heads). Word-level tokenizer over the scene language.
-  About 4.6 M parameters, shipped as fp16 safetensors (the config declares float32, so a plain
-  ``from_pretrained`` upcasts).
+  4 blocks, 4 query heads over 2 key/value heads). Word-level tokenizer over the scene language and
+  every prompt the agent and the loop send, with newlines and ``attention_prompt`` as tokens and
+  the JSON punctuation (``chat_tokens``); the processor pads images to a square with the mean colour
+  (``pad_to_square``), so training letterboxes and inference match. About 4.6 M parameters, shipped
+  as fp16 safetensors (the config declares float32, so a plain ``from_pretrained`` upcasts).
 * Scenes: ``api_tool.demo.scenes``' sampler (1-5 objects, square and non-square canvases). Layouts
   and questions are made by DataLoader workers on the CPU; pixels are rendered on the training
   device, letterboxed into the square input with the processor's mean colour as padding (as
@@ -21,6 +24,19 @@ Recipe (what each part is for):
   ``USER: <image>\\n{q1} ASSISTANT: {a1} </s>USER: {q2} ASSISTANT: {a2} </s>...`` (LLaVA's
   multi-turn format): the 196 image tokens are paid once for several answers. The first turn is
   exactly the single-question prompt used at inference; held-out evaluation uses single turns.
+* Assistant episodes (``training.assistant_data``, ``training.assistant_batches``; ``--episodes`` per
+  step, ``--small-share`` of them on ``SMALL_OBJECT_CONFIG`` scenes, 6-12 small objects on large
+  canvases, rendered at twice the input side and area-downscaled so small objects are a few pixels):
+  the agent's conversation (system prompt + bound ``attention_prompt`` tool -> the JSON tool call for
+  a detail question, then the tool's annotated image or crop -> the answer; a whole-scene question ->
+  the answer directly), ``verify`` (original + annotated, first answers wrong 40 % of the time ->
+  a judgement line and ``FINAL: <right answer>``), ``masked`` / ``masked_hint`` (annotated image
+  alone), ``zoom`` (original + crop) and plain questions. The LangChain messages are built as the
+  agent and the loop build them and rendered by ``ChatTransformersVLM.to_conversation`` and
+  ``render_prompt``, so training ids equal inference ids. Annotations are drawn from the ground-truth
+  masks on the patch grid (blurred, normalised, upsampled; gray at random levels or jet heatmap),
+  15 % on a wrong object and 10 % diffuse in the two-image and agent episodes; crops are square windows
+  1.3-3x the asked-about objects, offset up to a fifth (12 % placed elsewhere in the agent's tool results).
 * Loss: cross-entropy on the answer tokens and each closing ``</s>`` only (so greedy decoding stops
   right after the short answer). AdamW, warm-up then cosine decay, bf16 autocast on CUDA.
 * Grounding loss (``--grounding-weight``, on by default, one decoder block ``--grounding-layer``):
@@ -34,15 +50,22 @@ Recipe (what each part is for):
 It prints its curves: loss; on held-out single-question prompts, exact-match accuracy per question
 type and per POPE split (teacher forcing: an answer counts when every answer token and the ``</s>``
 are the argmax) and, per decoder block, how often the argmax of the answer's image attention falls on
-a patch of the asked-about object. It writes the ``save_pretrained`` directory (model + processor +
-``training.json``). Seeded; ``--time-budget`` (seconds) ends training early with the schedule
-compressed to fit (the step count then depends on the machine's speed). Runs on CPU too (slowly):
-``--device cpu --steps 20 --batch 8 --workers 0 --eval-scenes 16``.
+a patch of the asked-about object; and, by greedy generation on held-out prompts rendered through
+``ChatTransformersVLM`` (200 per category), answer accuracy plain / with annotation / with crop on
+default and small-object scenes, the tool-call rate on detail and whole-scene agent questions (and
+whether the call passes the user's question), the answer after the tool's result, and the share of
+``verify`` replies with a parsable ``FINAL:`` line (and its accuracy). It writes the
+``save_pretrained`` directory (model + processor + ``training.json``). Seeded; ``--time-budget``
+(seconds) ends training early with the schedule compressed to fit (the step count then depends on the
+machine's speed). Runs on CPU too (slowly; evaluation generates): ``--device cpu --steps 3 --batch 4
+--turns 2 --episodes 6 --workers 0 --eval-scenes 8 --eval-episodes 4`` with a small model.
 
-The shipped weights came from ``--time-budget 210 --steps 1000000 --eval-every 400 --log-every 100``
-(otherwise the defaults) on one H100: 2,798 steps of 256 images x 8 questions in 210 s, about 3.4k
-images/s, the vision tower trained from scratch. The defaults (``--steps 2800``, no time budget) run
-the same recipe on a step-count schedule; the data stream is seeded per worker, so it is the same
+The shipped weights came from ``python -m training.train_llava --time-budget 320 --steps 1000000
+--eval-every 1000 --log-every 100 --eval-episodes 200`` (otherwise the defaults; ``.device/train_llava.sh``)
+on one H200: 2,380 steps of 128 scenes x 6 plain questions plus 96 assistant episodes in 320 s (380 s
+with start-up and evaluations), the vision tower trained from scratch. Final held-out numbers are in
+``training.json`` (rebuilt from the printed log for the shipped copy). The defaults (``--steps 2800``,
+no time budget) run the same recipe on a step-count schedule; the data stream is seeded per worker, so it is the same
 for a given ``--workers`` (GPU kernels may still differ in the last bits from run to run).
 
 Example:
@@ -56,7 +79,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,107 +89,40 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from agents.chat_models import ChatTransformersVLM
 from api_tool.backends.lvlm import answer_token_ids, image_attention, prompt_text
 from api_tool.backends.lvlm_families.base import apply_rotary, split_heads
 from api_tool.backends.lvlm_families.base import language_model_layers as decoder_layers
 from api_tool.demo.scenes import (
-    DEFAULT_CONFIG,
-    EXTENT,
     POPE_SPLITS,
-    QUESTION_TYPES,
     Layouts,
-    ObjectFacts,
-    Question,
-    existence_questions,
     letterbox_boxes,
-    make_question,
     name_of,
     render_layouts,
     sample_layouts,
-    scene_vocabulary,
 )
 from api_tool.demo.tiny_llava import DEMO_LLAVA_DIR, build_tiny_llava, build_tiny_llava_processor, save_tiny_llava
+from training.assistant_batches import (
+    EpisodeBatch,
+    EpisodeStream,
+    ViewInputs,
+    episode_logits,
+    evaluate_generation,
+    image_features,
+    make_held_out_sets,
+)
+from training.assistant_data import EpisodeRenderer, assistant_vocabulary, render_views
 from training.flags import parse_config
+from training.llava_questions import (
+    TYPE_NAMES,
+    canvas_extent,
+    drop_hidden,
+    sample_question,
+    training_vocabulary,
+)
 
-LOCATION = "location"
-TYPE_NAMES: tuple[str, ...] = (*QUESTION_TYPES, LOCATION)
-"""Question types the demo LLaVA is trained on: the scene module's five plus ``location``."""
-TYPE_WEIGHTS: dict[str, float] = {
-    "existence": 0.35,
-    "colour": 0.13,
-    "shape": 0.13,
-    "count": 0.13,
-    "position": 0.13,
-    LOCATION: 0.13,
-}
-LOCATION_TEMPLATE = "where is the {x}?"
-LOCATION_MARGIN = 0.04
-"""Objects whose centre lies within this share of the canvas of a third-line are not asked about."""
 IGNORE = -100
 MAX_WEIGHTS_BYTES = 11 * 1024 * 1024
-
-
-# ----------------------------------------------------------------------------------------------
-# Questions (pure, CPU).
-# ----------------------------------------------------------------------------------------------
-
-
-def location_answer(fx: float, fy: float) -> str | None:
-    """Where a point at canvas fractions ``(fx, fy)`` lies in a 3x3 split of the canvas:
-    ``"top left"``, ``"top"``, ..., ``"center"``; ``None`` within ``LOCATION_MARGIN`` of a line.
-
-    Example:
-        >>> location_answer(0.1, 0.5), location_answer(0.8, 0.1), location_answer(0.5, 0.5)
-        ('left', 'top right', 'center')
-    """
-    if any(abs(value - line) < LOCATION_MARGIN for value in (fx, fy) for line in (1 / 3, 2 / 3)):
-        return None
-    vertical = "top" if fy < 1 / 3 else "bottom" if fy > 2 / 3 else ""
-    horizontal = "left" if fx < 1 / 3 else "right" if fx > 2 / 3 else ""
-    return " ".join(word for word in (vertical, horizontal) if word) or "center"
-
-
-def canvas_extent(aspect: float) -> tuple[float, float]:
-    """Canvas ``(width, height)`` in shorter-side units (the unit of ``ObjectFacts.center``)."""
-    return (aspect, 1.0) if aspect >= 1.0 else (1.0, 1.0 / aspect)
-
-
-def location_question(
-    objects: Sequence[ObjectFacts], extent: tuple[float, float], rng: random.Random
-) -> Question | None:
-    """The question "where is the red circle?" about an object whose name is unique in the scene, or ``None``."""
-    names = [name_of(obj) for obj in objects]
-    candidates = []
-    for obj, name in zip(objects, names):
-        answer = location_answer(obj.center[0] / extent[0], obj.center[1] / extent[1])
-        if names.count(name) == 1 and answer is not None:
-            candidates.append((name, answer))
-    if not candidates:
-        return None
-    name, answer = rng.choice(candidates)
-    return Question(LOCATION_TEMPLATE.format(x=name), answer, LOCATION, None, (name,))
-
-
-def sample_question(objects: Sequence[ObjectFacts], extent: tuple[float, float], rng: random.Random) -> Question:
-    """One question of a type drawn with ``TYPE_WEIGHTS``; existence when the drawn type has no
-    unambiguous question in this scene. Existence questions are yes or no with equal chance, the
-    negative drawn for a random POPE split."""
-    kind = rng.choices(list(TYPE_WEIGHTS), weights=list(TYPE_WEIGHTS.values()))[0]
-    question: Question | None = None
-    if kind == LOCATION:
-        question = location_question(objects, extent, rng)
-    elif kind != "existence":
-        question = make_question(objects, kind, rng)
-    if question is None:
-        pair = existence_questions(objects, rng, rng.choice(POPE_SPLITS))
-        question = pair[rng.randrange(2)]
-    return question
-
-
-def training_vocabulary() -> list[str]:
-    """Texts whose words the tokenizer must know: the scene language and the location answers."""
-    locations = [location_answer(fx, fy) or "" for fx in (0.1, 0.5, 0.9) for fy in (0.1, 0.5, 0.9)]
-    return [*scene_vocabulary(), LOCATION_TEMPLATE, *locations]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,33 +275,6 @@ class QuestionBatch:
     texts: tuple[tuple[str, str], ...]
 
 
-def overlapping(layouts: Layouts) -> torch.Tensor:
-    """``(n,)``: scenes where two objects' bounding circles (radius ``EXTENT * r``) intersect."""
-    width = torch.where(layouts.aspect >= 1.0, layouts.aspect, torch.ones_like(layouts.aspect))[:, None]
-    height = torch.where(layouts.aspect >= 1.0, torch.ones_like(layouts.aspect), 1.0 / layouts.aspect)[:, None]
-    x, y = layouts.cx * width, layouts.cy * height
-    distance = torch.hypot(x[:, :, None] - x[:, None, :], y[:, :, None] - y[:, None, :])
-    reach = EXTENT * (layouts.radius[:, :, None] + layouts.radius[:, None, :])
-    both = layouts.valid[:, :, None] & layouts.valid[:, None, :]
-    off_diagonal = ~torch.eye(layouts.valid.shape[1], dtype=torch.bool)
-    return (both & off_diagonal & (distance < reach)).any(dim=(1, 2))
-
-
-def drop_hidden(layouts: Layouts, min_visible: float = DEFAULT_CONFIG.min_visible, raster: int = 64) -> Layouts:
-    """The layouts without objects whose visible share (measured on a ``raster``-pixel letterbox)
-    is below ``min_visible``, as ``generate_scene`` removes them. Only overlapping scenes are drawn."""
-    chosen = overlapping(layouts).nonzero().flatten()
-    if chosen.numel() == 0:
-        return layouts
-    part = layouts.select(chosen)
-    rendered = render_layouts(part, (raster, raster), content_boxes=letterbox_boxes(part.aspect, raster))
-    slots = layouts.valid.shape[1]
-    visible = torch.stack([(rendered.labels == k + 1).sum(dim=(1, 2)) for k in range(slots)], dim=1)
-    hidden = torch.zeros_like(layouts.valid)
-    hidden[chosen] = part.valid & (visible < min_visible * rendered.full_area.clamp(min=1))
-    return replace(layouts, valid=layouts.valid & ~hidden)
-
-
 def make_batch(
     scenes: int,
     conversations: int,
@@ -388,24 +317,26 @@ def make_batch(
 
 
 class SceneQuestionStream(IterableDataset):
-    """Endless (layouts, questions) batches; each worker has its own seeded stream."""
+    """Endless (layouts, questions) batches of multi-turn plain questions, each paired with a batch of
+    assistant episodes (``training.assistant_batches``); each worker has its own seeded stream."""
 
-    def __init__(self, scenes: int, turns: int, seed: int, encoder: PromptEncoder) -> None:
+    def __init__(self, scenes: int, turns: int, seed: int, encoder: PromptEncoder, episodes: EpisodeStream) -> None:
         super().__init__()
         self.scenes = scenes
         self.turns = turns
         self.seed = seed
         self.encoder = encoder
+        self.episodes = episodes
 
-    def __iter__(self) -> Iterator[tuple[Layouts, QuestionBatch]]:
+    def __iter__(self) -> Iterator[tuple[Layouts, QuestionBatch, Layouts, EpisodeBatch]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         if info is not None:
             torch.set_num_threads(1)
         generator = torch.Generator().manual_seed(self.seed * 1000 + worker)
         rng = random.Random(self.seed * 1000 + worker)
-        while True:
-            yield make_batch(self.scenes, 1, self.turns, generator, rng, self.encoder)
+        for episode_layouts, episodes in self.episodes:
+            yield (*make_batch(self.scenes, 1, self.turns, generator, rng, self.encoder), episode_layouts, episodes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,16 +389,6 @@ def patch_coverage(labels: torch.Tensor, slots: int, patch: int) -> torch.Tensor
     n, height, width = labels.shape
     one_hot = F.one_hot(labels, slots + 1)[..., 1:].permute(0, 3, 1, 2).float()
     return F.avg_pool2d(one_hot, patch).reshape(n, slots, (height // patch) * (width // patch))
-
-
-def image_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
-    """The projected image tokens ``(n, N, hidden)``, as ``LlavaModel.get_image_features`` makes them."""
-    config = model.config
-    output = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True)
-    features = output.hidden_states[config.vision_feature_layer]
-    if config.vision_feature_select_strategy == "default":
-        features = features[:, 1:]
-    return model.model.multi_modal_projector(features)
 
 
 class AttentionInputs:
@@ -599,8 +520,11 @@ class TrainConfig:
     """Training hyper-parameters and model size (all on the command line)."""
 
     steps: int = 2800
-    batch: int = 256
-    turns: int = 8
+    batch: int = 128
+    turns: int = 6
+    episodes: int = 96
+    small_share: float = 0.5
+    eval_episodes: int = 200
     lr: float = 1.5e-3
     warmup: int = 150
     weight_decay: float = 0.05
@@ -741,7 +665,13 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 def build_model(config: TrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The untrained demo LLaVA and its processor for ``config``'s sizes."""
-    processor = build_tiny_llava_processor(training_vocabulary(), image_size=config.side, patch_size=config.patch)
+    processor = build_tiny_llava_processor(
+        [*training_vocabulary(), *assistant_vocabulary()],
+        image_size=config.side,
+        patch_size=config.patch,
+        pad_to_square=True,
+        chat_tokens=True,
+    )
     model = build_tiny_llava(
         processor,
         hidden=config.hidden,
@@ -751,11 +681,11 @@ def build_model(config: TrainConfig) -> tuple[LlavaForConditionalGeneration, Lla
         vision_hidden=config.vision_hidden,
         vision_layers=config.vision_layers,
         vision_heads=config.vision_heads,
-        max_positions=1024,
+        max_positions=2048,
         seed=config.seed,
     )
     model.config.vision_feature_layer = -1
-    model.generation_config.max_new_tokens = 20
+    model.generation_config.max_new_tokens = 64
     model.generation_config.do_sample = False
     return model, processor
 
@@ -819,7 +749,10 @@ def train(config: TrainConfig) -> dict[str, float]:
         warm = min(1.0, (step + 1) / config.warmup)
         return config.lr * warm * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
-    stream = SceneQuestionStream(config.batch, config.turns, config.seed, encoder)
+    renderer = EpisodeRenderer(ChatTransformersVLM(hf_model=model, processor=processor), grid * grid)
+    view_inputs = ViewInputs(config.side, config.patch, inputs.mean, inputs.std)
+    episodes = EpisodeStream(config.episodes, config.small_share, config.seed, renderer)
+    stream = SceneQuestionStream(config.batch, config.turns, config.seed, encoder, episodes)
     loader = DataLoader(
         stream,
         batch_size=None,
@@ -828,6 +761,15 @@ def train(config: TrainConfig) -> dict[str, float]:
         persistent_workers=config.workers > 0,
     )
     held_out = make_held_out(config, encoder)
+    held_out_sets = make_held_out_sets(renderer, config.eval_episodes, config.seed)
+
+    def evaluate_all() -> dict[str, float]:
+        metrics = evaluate(model, held_out, inputs, device)
+        generated, examples = evaluate_generation(model, held_out_sets, renderer, view_inputs, device)
+        for category, replies in examples.items():
+            print(f"  {category}: {' | '.join(replies)}", flush=True)
+        return {**metrics, **generated}
+
     noise = torch.Generator(device=device).manual_seed(config.seed)
     use_amp = device.type == "cuda"
     grounding = AttentionInputs(model, [config.grounding_layer]) if config.grounding_weight > 0 else None
@@ -835,7 +777,7 @@ def train(config: TrainConfig) -> dict[str, float]:
     curves: list[dict[str, float]] = []
     started = time.time()
     step = 0
-    for layouts, questions in loader:
+    for layouts, questions, episode_layouts, episode_batch in loader:
         elapsed = time.time() - started
         progress = step / config.steps
         if config.time_budget > 0:
@@ -865,19 +807,40 @@ def train(config: TrainConfig) -> dict[str, float]:
                 )
                 ground = grounding_loss(maps, valid, coverage)
                 loss = loss + config.grounding_weight * ground
+            episode_pixels = render_views(
+                episode_layouts,
+                episode_batch.views,
+                config.side,
+                config.patch,
+                inputs.mean,
+                inputs.std,
+                noise,
+                device,
+                config.blur_probability,
+            )
+            reply_logits, reply_targets = episode_logits(
+                model,
+                image_features(model, episode_pixels),
+                episode_batch.ids.to(device, non_blocking=True),
+                episode_batch.labels.to(device, non_blocking=True),
+                renderer.image_id,
+            )
+            episode_loss = F.cross_entropy(reply_logits.float(), reply_targets)
+            loss = loss + episode_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % config.log_every == 0:
             print(
-                f"step {step:6d}  loss {float(answer_loss.detach()):.4f}  grounding {float(ground.detach()):.4f}  "
+                f"step {step:6d}  loss {float(answer_loss.detach()):.4f}  episodes {float(episode_loss.detach()):.4f}  "
+                f"grounding {float(ground.detach()):.4f}  "
                 f"lr {lr:.2e}  {(step + 1) * config.batch / max(elapsed, 1e-9):7.0f} img/s  {elapsed:6.0f}s",
                 flush=True,
             )
         step += 1
         if step % config.eval_every == 0:
-            metrics = evaluate(model, held_out, inputs, device)
+            metrics = evaluate_all()
             curves.append(
                 {"step": step, "seconds": time.time() - started, "loss": float(answer_loss.detach()), **metrics}
             )
@@ -886,14 +849,14 @@ def train(config: TrainConfig) -> dict[str, float]:
     if grounding is not None:
         grounding.remove()
     model.eval()
-    metrics = evaluate(model, held_out, inputs, device)
+    metrics = evaluate_all()
     print(f"final  {_format(metrics)}", flush=True)
     record = {
         "train_config": asdict(config),
         "steps_run": step,
         "train_seconds": train_seconds,
         "parameters": params,
-        "held_out_teacher_forced": metrics,
+        "held_out": metrics,
         "curves": curves,
         "vision_tower_init": "random (trained from scratch)",
         "torch": torch.__version__,

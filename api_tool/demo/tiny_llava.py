@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoProcessor,
     CLIPImageProcessor,
@@ -35,6 +35,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -96,20 +97,28 @@ def _normalizer() -> normalizers.Normalizer:
     return normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
 
 
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+def _pre_tokenizer(chat_tokens: bool = False) -> pre_tokenizers.PreTokenizer:
+    if chat_tokens:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+                pre_tokenizers.Split(Regex(r"\n|[^\w\s]"), behavior="isolated"),
+            ]
+        )
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
 
 
-def vocabulary(texts: Iterable[str] = ()) -> list[str]:
+def vocabulary(texts: Iterable[str] = (), *, chat_tokens: bool = False) -> list[str]:
     """The word list of a tiny tokenizer: the base vocabulary plus every word of ``texts``, sorted.
 
-    Words are what the tokenizer's own normaliser and pre-tokeniser make of the text.
+    Words are what the tokenizer's own normaliser and pre-tokeniser make of the text (``chat_tokens``:
+    see ``build_tiny_tokenizer``).
 
     Example:
         >>> "zebra" in vocabulary(["A Zebra!"]), "!" in vocabulary()
         (True, True)
     """
-    normalizer, pre_tokenizer = _normalizer(), _pre_tokenizer()
+    normalizer, pre_tokenizer = _normalizer(), _pre_tokenizer(chat_tokens)
     words: set[str] = set()
     for text in (BASE_VOCABULARY, *texts):
         pieces = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
@@ -117,19 +126,25 @@ def vocabulary(texts: Iterable[str] = ()) -> list[str]:
     return sorted(words - set(SPECIAL_TOKENS))
 
 
-def build_tiny_tokenizer(vocab_texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    vocab_texts: Iterable[str] | None = None, *, chat_tokens: bool = False
+) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer with ``<pad> <unk> <s> </s> <image>`` (ids 0..4), adding ``<s>``.
 
+    ``chat_tokens``: a newline is a token of its own and words keep their underscores, so a reply can
+    hold a ``FINAL: ...`` line and a JSON tool call naming ``attention_prompt`` (what an assistant
+    needs); by default newlines are dropped and every punctuation mark, ``_`` included, splits words.
+
     Example:
-        >>> tokenizer = build_tiny_tokenizer()
-        >>> tokenizer.decode(tokenizer("Is there a red circle?").input_ids, skip_special_tokens=True)
-        'is there a red circle?'
+        >>> tokenizer = build_tiny_tokenizer(["call attention_prompt"], chat_tokens=True)
+        >>> tokenizer.decode(tokenizer("Call attention_prompt.\nFINAL: yes").input_ids, skip_special_tokens=True)
+        'call attention_prompt. \n final : yes'
     """
-    tokens = [*SPECIAL_TOKENS, *vocabulary(vocab_texts or ())]
+    tokens = [*SPECIAL_TOKENS, *vocabulary(vocab_texts or (), chat_tokens=chat_tokens)]
     ids = {token: index for index, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(ids, unk_token=UNK_TOKEN))
     backend.normalizer = _normalizer()
-    backend.pre_tokenizer = _pre_tokenizer()
+    backend.pre_tokenizer = _pre_tokenizer(chat_tokens)
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     backend.add_special_tokens(list(SPECIAL_TOKENS))
     backend.post_processor = processors.TemplateProcessing(
@@ -146,12 +161,20 @@ def build_tiny_tokenizer(vocab_texts: Iterable[str] | None = None) -> PreTrained
 
 
 def build_tiny_llava_processor(
-    vocab_texts: Iterable[str] | None = None, *, image_size: int = 64, patch_size: int = 8
+    vocab_texts: Iterable[str] | None = None,
+    *,
+    image_size: int = 64,
+    patch_size: int = 8,
+    pad_to_square: bool = False,
+    chat_tokens: bool = False,
 ) -> LlavaProcessor:
     """A ``LlavaProcessor`` made offline: tiny tokenizer, CLIP image processor, LLaVA-1.5 template.
 
     The image processor resizes the short side to ``image_size`` and centre-crops a square of that
-    side (LLaVA-1.5's CLIP preprocessing); one ``<image>`` in the text expands to one token per patch.
+    side (LLaVA-1.5's CLIP preprocessing); with ``pad_to_square`` it first pads the image to a square
+    with the mean colour (``LlavaImageProcessor``'s ``do_pad``, the original LLaVA-1.5 "pad" aspect
+    mode), so nothing is cut off. One ``<image>`` in the text expands to one token per patch.
+    ``chat_tokens`` goes to ``build_tiny_tokenizer``.
 
     Example:
         >>> processor = build_tiny_llava_processor(image_size=32, patch_size=8)
@@ -161,12 +184,11 @@ def build_tiny_llava_processor(
     """
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
+    sizes = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    image_processor = LlavaImageProcessor(do_pad=True, **sizes) if pad_to_square else CLIPImageProcessor(**sizes)
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tiny_tokenizer(vocab_texts),
+        tokenizer=build_tiny_tokenizer(vocab_texts, chat_tokens=chat_tokens),
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         chat_template=LLAVA_CHAT_TEMPLATE,

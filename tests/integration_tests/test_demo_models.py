@@ -69,7 +69,7 @@ def test_demo_llava_loads_offline_with_plain_transformers() -> None:
     assert new_tokens == [processor.tokenizer.convert_tokens_to_ids("yes"), processor.tokenizer.eos_token_id]
 
 
-@pytest.mark.parametrize(("seed", "size"), [(7, SQUARE), (8, WIDE)])
+@pytest.mark.parametrize(("seed", "size"), [(12, SQUARE), (8, WIDE)])
 def test_demo_llava_answers_existence_questions(llava: LlavaAttributor, seed: int, size: tuple[int, int]) -> None:
     """A present object gets "yes"; an absent recombination of present colours and shapes (POPE's
     adversarial negative, the binding trap) gets "no"."""

@@ -16,6 +16,7 @@ from api_tool.backends.llava import LlavaAttributor
 from api_tool.demo.scenes import POPE_SPLITS, generate_scene, sample_layouts
 from api_tool.geometry import Letterbox
 from tests.tolerances import assert_sums_close
+from training.llava_questions import location_answer
 from training.train_llava import (
     IGNORE,
     TYPE_NAMES,
@@ -28,7 +29,6 @@ from training.train_llava import (
     drop_hidden,
     exact_match,
     grounding_loss,
-    location_answer,
     make_batch,
     patch_coverage,
     render_pixels,
