@@ -6,9 +6,11 @@ The JSONL format (UTF-8, one JSON object per line, blank lines ignored):
 =============  ========  ===========================================================================
 field          required  meaning
 =============  ========  ===========================================================================
-``image``      yes       a path relative to the JSONL file's folder, an absolute path, or
+``image``      yes       a path relative to the JSONL file's folder, an absolute path,
                          ``"scene:<seed>"``: the demo scene ``api_tool.demo.scenes.generate_scene(seed)``,
-                         regenerated on demand (so the synthetic sets ship without image files)
+                         or ``"scene:small:<seed>"``: the same with ``config=SMALL_OBJECT_CONFIG`` (large
+                         canvases, small objects), regenerated on demand (so the synthetic sets ship
+                         without image files)
 ``question``   yes       the question asked to the model
 ``answer``     yes       the reference answer (a string; a number is read as its text). ``yes``/``no``
                          references are scored the POPE way, others by normalised match
@@ -19,7 +21,9 @@ field          required  meaning
                          file may be edited between resumed runs: results are matched by id
 =============  ========  ===========================================================================
 
-Other keys are kept in :attr:`EvalItem.extra`. Example line::
+Other keys are kept in :attr:`EvalItem.extra`; the synthetic sets below add ``scope`` (``detail``: one
+object or a few answer it; ``whole``: the whole scene, e.g. "describe the image.") and ``targets`` (the
+names of the objects the question is about). Example line::
 
     {"id": "random-7000001-0", "image": "scene:7000001", "question": "is there a red circle in the image?",
      "answer": "yes", "type": "existence", "split": "random"}
@@ -35,6 +39,28 @@ shape, count and relative-position questions). Both are rebuilt exactly from see
 :func:`build_synthetic_pope` / :func:`build_synthetic_qa`; asking for more items than ship extends them
 with further seeds.
 
+Two more sets: ``small`` (``synthetic_small.jsonl``, :func:`build_small_objects`: scenes of
+``SMALL_OBJECT_CONFIG``, 1024-1536 px canvases with 6-12 small objects, the V*Bench situation; per scene
+detail questions -- existence with a POPE-style negative, colour, shape, count of a kind, relative position
+-- and one whole-scene question, ``describe`` or ``total_count``) and ``two-region``
+(``synthetic_two_region.jsonl``, :func:`build_two_region`: "is the red circle left of the blue square?" about
+two objects at least ``TWO_REGION_MIN_DISTANCE`` of the shorter side apart, asked true and flipped).
+
+Every set has a test version (its plain name: the final measurement only) and a development version
+(``NAME-dev``: for choosing settings), on disjoint scene seeds (:data:`SEED_RANGES`), far from the seeds the
+demo models were trained and benchmarked on (their scene seeds stay below 3,000,000):
+
+=====================  ======================  ======================  ===============================
+sets                   test seeds (shipped)    dev seeds (shipped)     questions (test / dev)
+=====================  ======================  ======================  ===============================
+POPE splits, ``all``   7,000,000+ (150)        7,500,000+ (100)        300 / 200 per split
+``qa``                 7,000,000+ (150)        7,500,000+ (100)        up to 600 / 400
+``small``              7,100,000+ (80)         7,600,000+ (40)         554 / 280 (about 7 per scene)
+``two-region``         7,200,000+ (300)        7,700,000+ (200)        2 per scene that has a pair
+=====================  ======================  ======================  ===============================
+
+Each range owns a block of ``SEED_BLOCK`` (100,000) seeds, room for extending its set beyond what ships.
+
 Example:
     >>> items = synthetic_items("adversarial", 4)
     >>> [(item.answer, item.split) for item in items]
@@ -47,22 +73,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import permutations
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from api_tool.demo.scenes import POPE_SPLITS, generate_scene, scene_questions
+from api_tool.demo.scenes import (
+    DEFAULT_CONFIG,
+    OPPOSITE_RELATION,
+    POPE_SPLITS,
+    SMALL_OBJECT_CONFIG,
+    WHOLE_SCENE_TYPES,
+    Question,
+    SceneConfig,
+    SceneObject,
+    existence_questions,
+    generate_scene,
+    make_question,
+    name_of,
+    scene_questions,
+    true_relations,
+    whole_scene_question,
+)
 from api_tool.errors import ApiPromptingError, DatasetError
 from api_tool.images import load_image
 
 SCENE_PREFIX = "scene:"
+SCENE_CONFIGS: dict[str, SceneConfig] = {"small": SMALL_OBJECT_CONFIG}
+"""Scene configurations a reference can name (``"scene:<name>:<seed>"``); ``"scene:<seed>"`` is ``DEFAULT_CONFIG``."""
 REQUIRED_FIELDS: tuple[str, ...] = ("image", "question", "answer")
 OPTIONAL_FIELDS: tuple[str, ...] = ("type", "split", "id")
 
@@ -73,11 +121,37 @@ SYNTHETIC_FIRST_SEED = 7_000_000
 """Seed of the first synthetic scene (far from the seeds the demo models were trained on)."""
 SHIPPED_SCENES = 150
 """Scenes in the shipped files: 300 POPE questions per split, up to 600 short-answer questions."""
-SYNTHETIC_SETS: tuple[str, ...] = (*POPE_SPLITS, "all", "qa")
 QA_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position")
+SMALL_DETAIL_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position")
+"""The small-object split's detail questions besides existence (its counts are always of one kind)."""
+TWO_REGION_MIN_DISTANCE = 0.45
+"""Two-region questions ask about objects whose centres are at least this share of the shorter side apart."""
+
+
+@dataclass(frozen=True)
+class SeedRange:
+    """The scene seeds of one stage of a set: ``first`` and how many of them the shipped file holds."""
+
+    first: int
+    shipped: int
+
+
+SEED_BLOCK = 100_000
+"""Seeds each stage of a set owns from its first seed on (the ranges of ``SEED_RANGES`` are that far apart)."""
+SEED_RANGES: dict[str, dict[str, SeedRange]] = {
+    "pope": {"test": SeedRange(SYNTHETIC_FIRST_SEED, SHIPPED_SCENES), "dev": SeedRange(7_500_000, 100)},
+    "qa": {"test": SeedRange(SYNTHETIC_FIRST_SEED, SHIPPED_SCENES), "dev": SeedRange(7_500_000, 100)},
+    "small": {"test": SeedRange(7_100_000, 80), "dev": SeedRange(7_600_000, 40)},
+    "two-region": {"test": SeedRange(7_200_000, 300), "dev": SeedRange(7_700_000, 200)},
+}
+"""Test and development seeds of each family of sets (see the module docstring's table)."""
+STAGES: tuple[str, ...] = ("test", "dev")
+DEV_SUFFIX = "-dev"
+_TEST_SETS: tuple[str, ...] = (*POPE_SPLITS, "all", "qa", "small", "two-region")
+SYNTHETIC_SETS: tuple[str, ...] = (*_TEST_SETS, *(name + DEV_SUFFIX for name in _TEST_SETS))
 
 _POPE_FIELDS: tuple[str, ...] = ("question_id", "image", "text", "label")
-_SCENE_SEED = re.compile(r"^scene:(?P<seed>-?\d+)$")
+_SCENE_REFERENCE = re.compile(r"^scene:(?:(?P<config>[a-z_]+):)?(?P<seed>-?\d+)$")
 
 
 @dataclass(frozen=True)
@@ -115,32 +189,68 @@ class EvalItem:
         return {**line, **self.extra}
 
 
-def scene_seed(image: str) -> int | None:
-    """The seed of a ``"scene:<seed>"`` reference, else ``None``.
+@dataclass(frozen=True)
+class SceneReference:
+    """A parsed ``"scene:[<config>:]<seed>"`` reference: the scene configuration's name (``None``: the
+    default) and the seed."""
+
+    config: str | None
+    seed: int
+
+    @property
+    def scene_config(self) -> SceneConfig:
+        """The configuration the scene is generated with."""
+        return DEFAULT_CONFIG if self.config is None else SCENE_CONFIGS[self.config]
+
+    def __str__(self) -> str:
+        return f"{SCENE_PREFIX}{self.seed}" if self.config is None else f"{SCENE_PREFIX}{self.config}:{self.seed}"
+
+
+def scene_reference(image: str) -> SceneReference | None:
+    """The parsed ``"scene:<seed>"`` or ``"scene:<config>:<seed>"`` reference, else ``None``; an unknown
+    configuration name raises ``DatasetError`` naming the known ones.
 
     Example:
-        >>> scene_seed("scene:7000001"), scene_seed("photo.jpg")
-        (7000001, None)
+        >>> scene_reference("scene:small:7100000"), scene_reference("photo.jpg")
+        (SceneReference(config='small', seed=7100000), None)
     """
-    match = _SCENE_SEED.match(image)
-    return int(match.group("seed")) if match else None
+    match = _SCENE_REFERENCE.match(image)
+    if match is None:
+        return None
+    config = match.group("config")
+    if config is not None and config not in SCENE_CONFIGS:
+        known = ", ".join(f"scene:{name}:<seed>" for name in SCENE_CONFIGS)
+        raise DatasetError(f"unknown scene configuration {config!r} in {image!r}; write scene:<seed> or {known}")
+    return SceneReference(config, int(match.group("seed")))
+
+
+def scene_seed(image: str) -> int | None:
+    """The seed of a ``"scene:<seed>"`` reference (a default-configuration scene), else ``None`` (also for
+    ``"scene:small:<seed>"``: see :func:`scene_reference`).
+
+    Example:
+        >>> scene_seed("scene:7000001"), scene_seed("scene:small:7000001"), scene_seed("photo.jpg")
+        (7000001, None, None)
+    """
+    reference = scene_reference(image) if image.startswith(SCENE_PREFIX) else None
+    return reference.seed if reference is not None and reference.config is None else None
 
 
 @lru_cache(maxsize=256)
-def _scene_image(seed: int) -> Image.Image:
-    return generate_scene(seed).image
+def _scene_image(reference: SceneReference) -> Image.Image:
+    return generate_scene(reference.seed, config=reference.scene_config).image
 
 
 def item_image(item: EvalItem) -> Image.Image:
-    """The item's image as an RGB PIL image (a demo scene is regenerated from its seed, and cached).
+    """The item's image as an RGB PIL image (a demo scene is regenerated from its reference, and cached).
 
     Example:
         >>> item_image(EvalItem("x", "scene:3", "q", "yes")).mode
         'RGB'
     """
-    seed = scene_seed(item.image)
-    if seed is not None:
-        return _scene_image(seed).copy()
+    reference = scene_reference(item.image)
+    if reference is not None:
+        return _scene_image(reference).copy()
     return load_image(item.image)
 
 
@@ -163,8 +273,14 @@ def _text_field(record: dict[str, Any], name: str, where: str, *, numbers: bool,
 
 def _resolve_image(reference: str, base_dir: Path, where: str) -> str:
     if reference.startswith(SCENE_PREFIX):
-        if scene_seed(reference) is None:
-            raise DatasetError(f"{where}: {reference!r} is not a scene reference; write scene:<integer seed>")
+        try:
+            parsed = scene_reference(reference)
+        except DatasetError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
+        if parsed is None:
+            raise DatasetError(
+                f"{where}: {reference!r} is not a scene reference; write scene:<integer seed> or scene:small:<seed>"
+            )
         return reference
     path = Path(reference).expanduser()
     resolved = path if path.is_absolute() else base_dir / path
@@ -393,33 +509,181 @@ def build_synthetic_qa(n_scenes: int, first_seed: int = SYNTHETIC_FIRST_SEED) ->
     return items
 
 
+def small_object_questions(objects: Sequence[SceneObject], rng: random.Random, negative_split: str) -> list[Question]:
+    """The small-object split's questions about one scene: existence (one present object, one absent chosen
+    as POPE's ``negative_split`` does), colour, shape, count of one kind and relative position where the
+    scene allows an unambiguous one, and one whole-scene question (``describe`` or ``total_count``).
+
+    Example:
+        >>> scene = generate_scene(7100000, config=SMALL_OBJECT_CONFIG)  # doctest: +SKIP
+        >>> [q.type for q in small_object_questions(scene.objects, random.Random(0), "random")]  # doctest: +SKIP
+        ['existence', 'existence', 'colour', 'shape', 'count', 'position', 'describe']
+    """
+    questions = existence_questions(objects, rng, negative_split)
+    for kind in SMALL_DETAIL_TYPES:
+        drawn = [make_question(objects, kind, rng) for _ in range(8 if kind == "count" else 1)]
+        kept = [q for q in drawn if q is not None and q.question != "how many objects are there?"]
+        if kept:
+            questions.append(kept[0])
+    questions.append(whole_scene_question(objects, rng.choice(WHOLE_SCENE_TYPES), rng))
+    return questions
+
+
+def _question_item(item_id: str, image: str, question: Question, split: str) -> EvalItem:
+    whole = question.type in WHOLE_SCENE_TYPES
+    extra: dict[str, Any] = {"scope": "whole" if whole else "detail"}
+    if not whole:
+        extra["targets"] = list(question.targets)
+    return EvalItem(item_id, image, question.question, question.answer, question.type, split, extra)
+
+
+def build_small_objects(n_scenes: int, first_seed: int = SEED_RANGES["small"]["test"].first) -> list[EvalItem]:
+    """The small-object split over scenes ``first_seed ..`` of ``SMALL_OBJECT_CONFIG`` (``scene:small:<seed>``):
+    :func:`small_object_questions` per scene, the existence negative's POPE split cycling with the seed.
+
+    Example:
+        >>> items = build_small_objects(1)  # doctest: +SKIP
+        >>> items[0].image, items[0].split, items[0].extra["scope"]  # doctest: +SKIP
+        ('scene:small:7100000', 'small', 'detail')
+    """
+    items = []
+    for seed in range(first_seed, first_seed + n_scenes):
+        reference = SceneReference("small", seed)
+        objects = generate_scene(seed, config=reference.scene_config).objects
+        if not objects:
+            continue
+        questions = small_object_questions(objects, random.Random(seed), POPE_SPLITS[seed % len(POPE_SPLITS)])
+        items.extend(_question_item(f"small-{seed}-{i}", str(reference), q, "small") for i, q in enumerate(questions))
+    return items
+
+
+def far_apart_pairs(
+    objects: Sequence[SceneObject], shorter_side: float, min_distance: float = TWO_REGION_MIN_DISTANCE
+) -> list[tuple[SceneObject, SceneObject, tuple[str, ...]]]:
+    """Ordered pairs of uniquely named objects in a clear relation whose centres are at least
+    ``min_distance * shorter_side`` apart, with the relations that hold ("a <relation> b").
+
+    Example:
+        >>> scene = generate_scene(7200000)
+        >>> all(rels for _, _, rels in far_apart_pairs(scene.objects, min(scene.size)))
+        True
+    """
+    names = Counter(name_of(o) for o in objects)
+    unique = [o for o in objects if names[name_of(o)] == 1]
+    return [
+        (a, b, relations)
+        for a, b in permutations(unique, 2)
+        if math.dist(a.center, b.center) >= min_distance * shorter_side and (relations := true_relations(a, b))
+    ]
+
+
+def build_two_region(n_scenes: int, first_seed: int = SEED_RANGES["two-region"]["test"].first) -> list[EvalItem]:
+    """Questions that need two disjoint regions, over default scenes ``first_seed .. + n_scenes - 1``: for each
+    scene with :func:`far_apart_pairs`, one pair asked with a relation that holds (``yes``) and flipped (``no``).
+
+    Example:
+        >>> [(item.answer, item.extra["targets"] == build_two_region(3)[0].extra["targets"])
+        ...  for item in build_two_region(3)[:2]]
+        [('yes', True), ('no', True)]
+    """
+    items = []
+    for seed in range(first_seed, first_seed + n_scenes):
+        scene = generate_scene(seed)
+        pairs = far_apart_pairs(scene.objects, min(scene.size))
+        if not pairs:
+            continue
+        rng = random.Random(seed)
+        a, b, relations = rng.choice(pairs)
+        relation = rng.choice(relations)
+        for answer, asked in (("yes", relation), ("no", OPPOSITE_RELATION[relation])):
+            question = Question(f"is the {name_of(a)} {asked} the {name_of(b)}?", answer, "position", None,
+                                (name_of(a), name_of(b)))  # fmt: skip
+            items.append(_question_item(f"two-region-{seed}-{answer}", f"{SCENE_PREFIX}{seed}", question, "two-region"))
+    return items
+
+
+@dataclass(frozen=True)
+class _SetFamily:
+    """How a family of synthetic sets is built and where each stage ships."""
+
+    build: Callable[[int, int], list[EvalItem]]
+    files: dict[str, Path]
+
+
+_FAMILIES: dict[str, _SetFamily] = {
+    "pope": _SetFamily(
+        build_synthetic_pope, {"test": SYNTHETIC_POPE_FILE, "dev": SYNTHETIC_DATA_DIR / "synthetic_pope_dev.jsonl"}
+    ),
+    "qa": _SetFamily(
+        build_synthetic_qa, {"test": SYNTHETIC_QA_FILE, "dev": SYNTHETIC_DATA_DIR / "synthetic_qa_dev.jsonl"}
+    ),
+    "small": _SetFamily(
+        build_small_objects,
+        {"test": SYNTHETIC_DATA_DIR / "synthetic_small.jsonl", "dev": SYNTHETIC_DATA_DIR / "synthetic_small_dev.jsonl"},
+    ),
+    "two-region": _SetFamily(
+        build_two_region,
+        {
+            "test": SYNTHETIC_DATA_DIR / "synthetic_two_region.jsonl",
+            "dev": SYNTHETIC_DATA_DIR / "synthetic_two_region_dev.jsonl",
+        },
+    ),
+}
+
+
+def set_stage(name: str) -> tuple[str, str]:
+    """A synthetic set's name split into its base name and stage: ``"small-dev"`` -> ``("small", "dev")``.
+
+    Example:
+        >>> set_stage("random"), set_stage("qa-dev")
+        (('random', 'test'), ('qa', 'dev'))
+    """
+    if name.endswith(DEV_SUFFIX):
+        return name[: -len(DEV_SUFFIX)], "dev"
+    return name, "test"
+
+
 def synthetic_items(name: str, n: int | None = None) -> list[EvalItem]:
     """A shipped synthetic set: ``random``, ``popular`` or ``adversarial`` (POPE splits), ``all`` (the
-    three splits) or ``qa`` (short answers). ``n`` keeps the first ``n`` items (per split for ``all``);
-    beyond what ships, the set is extended from further seeds exactly as it was built.
+    three splits), ``qa`` (short answers), ``small`` (small objects on large canvases) or ``two-region``; each
+    with ``-dev`` appended for its development version (other seeds). ``n`` keeps the first ``n`` items (per
+    split for ``all``); beyond what ships, the set is extended from further seeds exactly as it was built.
 
     Example:
         >>> items = synthetic_items("all", 10)
         >>> len(items), sorted({item.split for item in items})
         (30, ['adversarial', 'popular', 'random'])
+        >>> synthetic_items("random-dev", 1)[0].image
+        'scene:7500000'
     """
     if name not in SYNTHETIC_SETS:
-        raise DatasetError(f"unknown synthetic set {name!r}; choose one of {SYNTHETIC_SETS}")
+        raise DatasetError(f"unknown synthetic set {name!r}; choose one of {', '.join(SYNTHETIC_SETS)}")
     if n is not None and n < 1:
         raise DatasetError(f"n must be a positive number of items, got {n}")
-    if name == "all":
-        return [item for split in POPE_SPLITS for item in synthetic_items(split, n)]
-    if name == "qa":
-        return _take(load_jsonl(SYNTHETIC_QA_FILE), n, build_synthetic_qa, None)
-    return _take(load_jsonl(SYNTHETIC_POPE_FILE), n, build_synthetic_pope, name)
+    base, stage = set_stage(name)
+    suffix = DEV_SUFFIX if stage == "dev" else ""
+    if base == "all":
+        return [item for split in POPE_SPLITS for item in synthetic_items(split + suffix, n)]
+    family = "pope" if base in POPE_SPLITS else base
+    seeds = SEED_RANGES[family][stage]
+    source = _FAMILIES[family].files[stage]
+    if not source.is_file():
+        raise DatasetError(
+            f"the shipped set file {source} is missing; rebuild it: python -m agents.datasets build-synthetic"
+        )
+    split = base if family == "pope" else None
+    return _take(load_jsonl(source), n, _FAMILIES[family].build, split, seeds.first + seeds.shipped)
 
 
 def _take(
-    shipped: list[EvalItem], n: int | None, build: Callable[[int, int], list[EvalItem]], split: str | None
+    shipped: list[EvalItem],
+    n: int | None,
+    build: Callable[[int, int], list[EvalItem]],
+    split: str | None,
+    next_seed: int,
 ) -> list[EvalItem]:
-    """The first ``n`` items of ``shipped`` (of ``split``), extended from the scenes after the shipped ones."""
+    """The first ``n`` items of ``shipped`` (of ``split``), extended from the scenes from ``next_seed`` on."""
     chosen = [item for item in shipped if split is None or item.split == split]
-    next_seed = SYNTHETIC_FIRST_SEED + SHIPPED_SCENES
     while n is not None and len(chosen) < n:
         scenes = max(1, n - len(chosen))
         chosen += [item for item in build(scenes, next_seed) if split is None or item.split == split]
@@ -427,12 +691,23 @@ def _take(
     return chosen if n is None else chosen[:n]
 
 
-def write_shipped_sets(n_scenes: int = SHIPPED_SCENES) -> tuple[Path, Path]:
-    """Rebuild the shipped synthetic files from their seeds (what ``build-synthetic`` runs)."""
-    return (
-        write_jsonl(build_synthetic_pope(n_scenes), SYNTHETIC_POPE_FILE),
-        write_jsonl(build_synthetic_qa(n_scenes), SYNTHETIC_QA_FILE),
-    )
+def write_shipped_sets(families: Sequence[str] = tuple(_FAMILIES)) -> list[Path]:
+    """Rebuild the shipped synthetic files of ``families`` (both stages) from their seeds (``build-synthetic``).
+
+    Example:
+        >>> write_shipped_sets(["two-region"])  # doctest: +SKIP
+    """
+    unknown = set(families) - set(_FAMILIES)
+    if unknown:
+        raise DatasetError(f"unknown set families {sorted(unknown)}; choose among {', '.join(_FAMILIES)}")
+    written = []
+    for family in families:
+        for stage in STAGES:
+            seeds = SEED_RANGES[family][stage]
+            written.append(
+                write_jsonl(_FAMILIES[family].build(seeds.shipped, seeds.first), _FAMILIES[family].files[stage])
+            )
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -446,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pope.add_argument("-o", "--output", type=Path, required=True)
     pope.add_argument("--split", default=None, help="split name (default: from the file name)")
     build = commands.add_parser("build-synthetic", help="rebuild the shipped synthetic files from their seeds")
-    build.add_argument("--scenes", type=int, default=SHIPPED_SCENES)
+    build.add_argument("--families", nargs="+", default=list(_FAMILIES), choices=list(_FAMILIES))
     export = commands.add_parser("export-synthetic", help="write a synthetic set with its images as PNG files")
     export.add_argument("name", choices=SYNTHETIC_SETS)
     export.add_argument("-o", "--output", type=Path, required=True)
@@ -457,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             items = convert_pope(args.pope_file, args.image_dir, args.output, split=args.split)
             print(f"wrote {len(items)} questions to {args.output}")
         elif args.command == "build-synthetic":
-            for path in write_shipped_sets(args.scenes):
+            for path in write_shipped_sets(args.families):
                 print(f"wrote {path}")
         else:
             path = export_synthetic(args.name, args.output, args.n)
@@ -480,11 +755,12 @@ def export_synthetic(name: str, output: str | os.PathLike[str], n: int | None = 
     image_dir.mkdir(parents=True, exist_ok=True)
     exported = []
     for item in synthetic_items(name, n):
-        seed = scene_seed(item.image)
-        path = image_dir / f"scene-{seed}.png"
+        path = image_dir / f"{str(scene_reference(item.image)).replace(':', '-')}.png"
         if not path.exists():
             item_image(item).save(path)
-        exported.append(EvalItem(item.id, str(path.resolve()), item.question, item.answer, item.type, item.split))
+        exported.append(
+            EvalItem(item.id, str(path.resolve()), item.question, item.answer, item.type, item.split, item.extra)
+        )
     return write_jsonl(exported, target)
 
 

@@ -18,6 +18,13 @@ Measured on held-out synthetic scenes (seeds from ``--seed-base``, a stream the 
    ``--choose-coes`` (the coefficient only sharpens the cls and paper modes); the test scenes are then
    measured at the chosen layer and coefficient, and the chosen mode is reported, never re-chosen on them.
 
+4. With ``--kinds``: pointing per reference kind (``api_tool.demo.scenes.REFERENCE_KINDS``: colour and shape,
+   colour only "the red one", shape only, a relation "what is next to the star?", a canvas position "the
+   thing in the top left corner", free phrasing "can you find the little blue square?"), one query per kind
+   and scene from ``reference_query`` with its ground-truth targets; a hit is the mask's argmax within
+   ``--tolerance`` pixels of a target's own pixels (its mask, not its box). ``--kinds-on dev`` measures
+   the development scenes (for choosing), ``test`` (default) the test scenes (for reporting).
+
 ``--weights DIR`` evaluates any demo model saved by ``training.train_clip`` (the CLS-token demo CLIP or
 the SigLIP-style attention-pool demo), on the same scenes and queries.
 
@@ -39,7 +46,7 @@ import torch
 
 from api_tool.backends.clip import ClipAttributor
 from api_tool.demo.clip_model import load_demo_clip
-from api_tool.demo.scenes import Scene, article, generate_scene
+from api_tool.demo.scenes import REFERENCE_KINDS, Scene, article, generate_scene, reference_query
 from api_tool.maps import COMBINE_MODES
 
 DEFAULT_QUERY = "where is the {name}?"
@@ -129,6 +136,65 @@ def pointing_game(
     ]
 
 
+@dataclass(frozen=True)
+class KindResult:
+    """Pointing for one reference kind on one canvas kind: hits among queries, and the share of the image
+    the targets' pixels cover (what a random point scores)."""
+
+    kind: str
+    canvas: str
+    queries: int
+    pointing: float
+    baseline: float
+
+
+def point_hits_mask(point: tuple[int, int], mask: np.ndarray, tolerance: float) -> bool:
+    """Whether pixel ``point`` (row, col) is within ``tolerance`` pixels of a ``True`` pixel of ``mask``.
+
+    Example:
+        >>> mask = np.zeros((5, 5), dtype=bool); mask[0, 0] = True
+        >>> point_hits_mask((2, 1), mask, 2.0), point_hits_mask((2, 2), mask, 2.0)
+        (False, False)
+        >>> point_hits_mask((1, 1), mask, 2.0)
+        True
+    """
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return False
+    return bool(np.min(np.hypot(rows - point[0], cols - point[1])) <= tolerance)
+
+
+def reference_pointing(
+    attributor: ClipAttributor, scenes: Sequence[Scene], canvas: str, tolerance: float
+) -> list[KindResult]:
+    """Pointing per reference kind: for every scene one ``reference_query`` of each kind (the scene's seed and
+    the kind seed the query), scored by whether the argmax of the upsampled map hits a target's pixels."""
+    rows: dict[str, list[tuple[bool, float]]] = {kind: [] for kind in REFERENCE_KINDS}
+    for scene in scenes:
+        width, height = scene.size
+        references = [
+            (kind, ref)
+            for kind in REFERENCE_KINDS
+            if (ref := reference_query(scene.objects, kind, random.Random(f"{scene.seed}-{kind}"), scene.size))
+        ]
+        maps = attributor.attribute_many(scene.image, [ref.text for _, ref in references]) if references else []
+        for (kind, ref), amap in zip(references, maps):
+            mask = amap.upsample()
+            point = np.unravel_index(int(np.argmax(mask)), mask.shape)
+            union = np.logical_or.reduce([scene.objects[i].mask for i in ref.targets])
+            rows[kind].append((point_hits_mask(point, union, tolerance), float(union.sum()) / (width * height)))
+    return [
+        KindResult(
+            kind=kind,
+            canvas=canvas,
+            queries=len(found),
+            pointing=float(np.mean([hit for hit, _ in found])) if found else float("nan"),
+            baseline=float(np.mean([share for _, share in found])) if found else float("nan"),
+        )
+        for kind, found in rows.items()
+    ]
+
+
 def choose_setting(
     model: torch.nn.Module,
     tokenizer: object,
@@ -208,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dev-scenes", type=int, default=100, help="development scenes per canvas kind")
     parser.add_argument("--choose-layers", type=int, nargs="+", default=None, help="default: every block")
     parser.add_argument("--choose-coes", type=float, nargs="+", default=[2.0, 3.0, 5.0, 10.0])
+    parser.add_argument("--kinds", action="store_true", help="pointing per reference kind instead (see 4.)")
+    parser.add_argument("--kinds-on", choices=("dev", "test"), default="test", help="scenes for --kinds")
+    parser.add_argument("--tolerance", type=float, default=4.0, help="--kinds: pixels a hit may miss a mask by")
     args = parser.parse_args(argv)
     if args.choose and (args.layer is not None or args.enhance_coe is not None):
         parser.error("--choose picks the layer and enhance_coe; leave --layer and --enhance-coe out")
@@ -233,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "demo", layer=layer_arg, device=args.device, enhance_coe=coe_arg, model=model, tokenizer=tokenizer
     )
     layer = attributor.layer - len(attributor.blocks)
+    if args.kinds:
+        run_kinds(attributor, args, layer, started)
+        return
     retrieval = retrieval_top1(attributor, args.retrieval_scenes, args.seed_base + 500_000)
     print(f"held-out retrieval on {retrieval['scenes']} scenes (groups of 100):")
     print(f"  caption->image top-1 {retrieval['caption_to_image_top1']:.3f}")
@@ -279,6 +351,44 @@ def main(argv: Sequence[str] | None = None) -> None:
                         if chosen is not None
                         else {}
                     ),
+                },
+                handle,
+                indent=1,
+            )
+
+
+def run_kinds(attributor: ClipAttributor, args: argparse.Namespace, layer: int, started: float) -> None:
+    """``--kinds``: pointing per reference kind and canvas kind, then caption -> image retrieval; prints a
+    Markdown table and writes ``--json``."""
+    seed_base = args.dev_seed_base if args.kinds_on == "dev" else args.seed_base
+    results = []
+    for canvas, square in CANVASES:
+        scenes = held_out_scenes(args.scenes, seed_base + CANVAS_SEED_OFFSET[canvas], square)
+        results.extend(reference_pointing(attributor, scenes, canvas, args.tolerance))
+    retrieval = retrieval_top1(attributor, args.retrieval_scenes, args.seed_base + 500_000)
+    print(
+        f"pointing per reference kind ({args.kinds_on} scenes, seeds {seed_base}+, {args.scenes} per canvas kind, "
+        f"2-5 objects; layer {layer}, {attributor.combine}, enhance_coe {attributor.enhance_coe:g}; hit = argmax "
+        f"within {args.tolerance:g} px of a target's pixels):"
+    )
+    print("| kind | canvas | queries | pointing | random baseline |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r.kind} | {r.canvas} | {r.queries} | {r.pointing:.3f} | {r.baseline:.3f} |")
+    print(f"caption->image top-1 {retrieval['caption_to_image_top1']:.3f}, image->caption top-1 ", end="")
+    print(f"{retrieval['image_to_caption_top1']:.3f}  ({time.time() - started:.0f}s)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {
+                    "kinds": [asdict(r) for r in results],
+                    "retrieval": retrieval,
+                    "scenes": args.kinds_on,
+                    "seed_base": seed_base,
+                    "tolerance": args.tolerance,
+                    "layer": layer,
+                    "combine": attributor.combine,
+                    "enhance_coe": attributor.enhance_coe,
+                    "weights": args.weights or "shipped",
                 },
                 handle,
                 indent=1,

@@ -8,13 +8,15 @@ Recipe (what each part is for):
   on the training device.
 * Four texts per image: its full caption (all objects, often one spatial relation); a hard negative
   caption (colours re-bound between objects, or the relation flipped); a query naming one present
-  object by colour and shape, by shape or by colour alone ("where is the red circle?", "what colour
-  is the star?"), or two objects; and an adversarial query naming an absent recombination of present
-  attributes.
+  object in one of the reference kinds users speak in (``api_tool.demo.scenes.REFERENCE_KINDS``: colour
+  and shape, colour only "the red one", shape only, a relation "what is next to the star?", a canvas
+  position "the thing in the top left corner", free phrasing "can you find the little blue square?"), or
+  two objects; and an adversarial query naming an absent recombination of present attributes.
 * Loss: image-to-text cross-entropy over captions and hard negatives; text-to-image with every image
   that satisfies the text as a positive (a query's positives are all images holding such an object,
-  found from the layouts), ``-log sum_{positives} softmax``. Queries therefore teach the model to
-  find one object among several and to bind colour to shape.
+  found from the layouts: an object of the query's colour, shape and canvas cell),
+  ``-log sum_{positives} softmax``. Queries therefore teach the model to find one object among several,
+  to bind colour to shape and to tell the canvas's regions apart.
 * Optional deep supervision (``--aux-weight``): the CLS token after block ``--aux-layer`` (the block
   API reads, second-to-last by default) goes through ``ln_post`` and ``proj`` and gets the same loss,
   so that block's attention output to CLS is itself aligned with the text.
@@ -30,7 +32,8 @@ Recipe (what each part is for):
 
 * Optional second stage (``--init DIR``): start from a saved demo CLIP, with its positional
   embeddings resized (open_clip's ``resize_pos_embed``) when ``--image-size`` differs, so a model
-  trained at 224 px can be refined at a finer patch grid.
+  trained at 224 px can be refined at a finer patch grid. A model saved with a smaller vocabulary (before
+  the reference kinds' words) starts with its token embeddings mapped by BPE id; new words start random.
 
 It prints its curves (loss, held-out caption-to-image top-1 among 100, image-to-caption top-1, and the
 binding accuracy: the true caption outscoring its hard negative) and writes ``model.safetensors`` and
@@ -48,6 +51,11 @@ The SigLIP-style variant (one stage, from scratch, at 288 px):
 The first two are the shipped demo CLIP's two stages (the second stopped by time at step 5,711 on an H200; each
 saved ``config.json`` records its flags and the first stage's). With ``--max-seconds`` the schedule
 depends on the machine's speed, so a rerun elsewhere draws the same data but not the same curve.
+
+A third stage on the reference kinds' queries (``.device/train_clip.sh`` runs it and the per-kind pointing
+benchmark; not shipped yet, see ``benchmarks/demo_clip_quality.py --kinds``):
+    python -m training.train_clip --init api_tool/demo/weights/clip --image-size 288 --lr 3e-4 --warmup 200 \
+        --steps 9000 --max-seconds 240 --workers 14 --out /tmp/clip_refs
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from api_tool.demo.clip_model import (
     CONFIG_FILE,
     DEMO_CLIP_ARCHITECTURE,
+    FIRST_WORD_ID,
     OPENAI_MEAN,
     OPENAI_STD,
     CompactTokenizer,
@@ -78,6 +87,8 @@ from api_tool.demo.clip_model import (
 )
 from api_tool.demo.scenes import (
     COLOUR_NAMES,
+    REFERENCE_KINDS,
+    REGION_NAMES,
     SHAPES,
     Layouts,
     ObjectFacts,
@@ -87,6 +98,7 @@ from api_tool.demo.scenes import (
     letterbox_boxes,
     object_query,
     pair_query,
+    reference_query,
     render_layouts,
     sample_layouts,
     true_relations,
@@ -105,7 +117,17 @@ SIGMOID_INIT_BIAS = -10.0
 
 WILD_COLOUR = len(COLOUR_NAMES)
 WILD_SHAPE = len(SHAPES)
-ANY_OBJECT = (WILD_COLOUR, WILD_SHAPE)
+WILD_REGION = len(REGION_NAMES)
+ANY_OBJECT = (WILD_COLOUR, WILD_SHAPE, WILD_REGION)
+REFERENCE_WEIGHTS: dict[str, float] = {
+    "full": 0.3,
+    "colour": 0.14,
+    "shape": 0.12,
+    "relation": 0.14,
+    "position": 0.18,
+    "free": 0.12,
+}
+"""How often each reference kind is drawn for a scene's query (after the 10 % of two-object queries)."""
 PAD_RGB = tuple(255.0 * m for m in OPENAI_MEAN)
 
 CAPTION, NEGATIVE, QUERY = 0, 1, 2
@@ -165,38 +187,49 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TextBatch:
     """Token ids ``(T, C)`` of ``T = 4 n`` texts, each text's kind (caption, negative, query) and,
-    for queries, the two (colour, shape) atoms an image must hold (wildcards: ``ANY_OBJECT``)."""
+    for queries, the two (colour, shape, canvas cell) atoms an image must hold (wildcards: ``ANY_OBJECT``)."""
 
     tokens: torch.Tensor
     kinds: torch.Tensor
     atoms: torch.Tensor
 
 
-def _query_for(objects: Sequence[ObjectFacts], rng: random.Random) -> tuple[str, tuple[tuple[int, int], ...]]:
-    obj = rng.choice(objects)
-    colour, shape = COLOUR_NAMES.index(obj.colour), SHAPES.index(obj.shape)
-    roll = rng.random()
-    if roll < 0.1 and len(objects) > 1:
-        other = rng.choice([o for o in objects if o is not obj])
-        relations = true_relations(obj, other) or ("and",)
-        relation = rng.choice(relations)
+Atoms = tuple[tuple[int, int, int], ...]
+
+
+def _atom(colour: str | None = None, shape: str | None = None, region: str | None = None) -> tuple[int, int, int]:
+    return (
+        COLOUR_NAMES.index(colour) if colour is not None else WILD_COLOUR,
+        SHAPES.index(shape) if shape is not None else WILD_SHAPE,
+        REGION_NAMES.index(region) if region is not None else WILD_REGION,
+    )
+
+
+def _query_for(objects: Sequence[ObjectFacts], rng: random.Random, canvas: tuple[float, float]) -> tuple[str, Atoms]:
+    """A query about the scene and the two atoms an image must hold to satisfy it (``canvas``: the
+    scene's width and height in the units of the objects' centres)."""
+    if rng.random() < 0.1 and len(objects) > 1:
+        obj, other = rng.sample(list(objects), 2)
+        relation = rng.choice(true_relations(obj, other) or ("and",))
         text = (
             f"the {obj.colour} {obj.shape} and the {other.colour} {other.shape}"
             if relation == "and"
             else pair_query(rng, f"{obj.colour} {obj.shape}", f"{other.colour} {other.shape}", relation)
         )
-        return text, ((colour, shape), (COLOUR_NAMES.index(other.colour), SHAPES.index(other.shape)))
-    if roll < 0.7:
-        return object_query(rng, obj.colour, obj.shape), ((colour, shape), ANY_OBJECT)
-    if roll < 0.85:
-        return object_query(rng, shape=obj.shape), ((WILD_COLOUR, shape), ANY_OBJECT)
-    return object_query(rng, colour=obj.colour), ((colour, WILD_SHAPE), ANY_OBJECT)
+        return text, (_atom(obj.colour, obj.shape), _atom(other.colour, other.shape))
+    kind = rng.choices(REFERENCE_KINDS, weights=[REFERENCE_WEIGHTS[k] for k in REFERENCE_KINDS])[0]
+    reference = reference_query(objects, kind, rng, canvas)
+    if reference is None:
+        obj = rng.choice(objects)
+        return object_query(rng, obj.colour, obj.shape), (_atom(obj.colour, obj.shape), ANY_OBJECT)
+    pattern = reference.pattern
+    return reference.text, (_atom(pattern.colour, pattern.shape, pattern.region), ANY_OBJECT)
 
 
-def _adversarial_query(objects: Sequence[ObjectFacts], rng: random.Random) -> tuple[str, tuple[tuple[int, int], ...]]:
+def _adversarial_query(objects: Sequence[ObjectFacts], rng: random.Random) -> tuple[str, Atoms]:
     name = existence_negative(objects, rng, "adversarial")
     colour, shape = name.split()
-    return object_query(rng, colour, shape), ((COLOUR_NAMES.index(colour), SHAPES.index(shape)), ANY_OBJECT)
+    return object_query(rng, colour, shape), (_atom(colour, shape), ANY_OBJECT)
 
 
 def make_texts(
@@ -206,12 +239,13 @@ def make_texts(
     scenes = layouts.facts()
     captions, negatives, queries, adversarial = [], [], [], []
     query_atoms, adversarial_atoms = [], []
-    for objects in scenes:
+    for objects, aspect in zip(scenes, layouts.aspect.tolist()):
+        canvas = (aspect, 1.0) if aspect >= 1.0 else (1.0, 1.0 / aspect)
         caption = describe(objects, rng)
         assert caption is not None
         captions.append(caption)
         negatives.append(hard_negative_caption(objects, rng))
-        text, atoms = _query_for(objects, rng)
+        text, atoms = _query_for(objects, rng, canvas)
         queries.append(text)
         query_atoms.append(atoms)
         text, atoms = _adversarial_query(objects, rng)
@@ -277,16 +311,28 @@ def render_inputs(
     return (pixels - mean) / std
 
 
+def object_regions(layouts: Layouts) -> torch.Tensor:
+    """``(n, K)``: the index in ``REGION_NAMES`` of the 3 x 3 canvas cell holding each object's centre."""
+    column = (layouts.cx * 3).long().clamp(0, 2)
+    row = (layouts.cy * 3).long().clamp(0, 2)
+    return row * 3 + column
+
+
 def presence(layouts: Layouts) -> torch.Tensor:
-    """``(n, C + 1, S + 1)``: does the scene hold an object of colour c and shape s (index C / S =
-    any colour / any shape)."""
+    """``(n, C + 1, S + 1, R + 1)``: does the scene hold an object of colour c and shape s in canvas cell r
+    (index C / S / R = any colour / any shape / anywhere)."""
     n = layouts.size
-    table = torch.zeros(n, WILD_COLOUR + 1, WILD_SHAPE + 1, dtype=torch.bool, device=layouts.valid.device)
+    shape = (n, WILD_COLOUR + 1, WILD_SHAPE + 1, WILD_REGION + 1)
+    table = torch.zeros(shape, dtype=torch.bool, device=layouts.valid.device)
     scene = torch.arange(n, device=table.device)[:, None].expand_as(layouts.colour)
-    table[scene[layouts.valid], layouts.colour[layouts.valid], layouts.shape[layouts.valid]] = True
-    table[:, :WILD_COLOUR, WILD_SHAPE] = table[:, :WILD_COLOUR, :WILD_SHAPE].any(dim=2)
-    table[:, WILD_COLOUR, :] = table[:, :WILD_COLOUR, :].any(dim=1)
-    table[:, WILD_COLOUR, WILD_SHAPE] = True
+    valid = layouts.valid
+    colour, kind, region = layouts.colour[valid], layouts.shape[valid], object_regions(layouts)[valid]
+    for c, k, r in ((colour, kind, region), (colour, kind, WILD_REGION), (colour, WILD_SHAPE, region)):
+        table[scene[valid], c, k, r] = True
+    for c, k, r in ((colour, WILD_SHAPE, WILD_REGION), (WILD_COLOUR, kind, region), (WILD_COLOUR, kind, WILD_REGION)):
+        table[scene[valid], c, k, r] = True
+    table[scene[valid], WILD_COLOUR, WILD_SHAPE, region] = True
+    table[:, WILD_COLOUR, WILD_SHAPE, WILD_REGION] = True
     return table
 
 
@@ -294,7 +340,8 @@ def positives(layouts: Layouts, texts: TextBatch) -> torch.Tensor:
     """``(T, n)`` boolean: which images satisfy each text (captions: their own image; negatives: none)."""
     n = layouts.size
     table = presence(layouts).view(n, -1)
-    flat = texts.atoms[..., 0] * (WILD_SHAPE + 1) + texts.atoms[..., 1]  # (T, 2)
+    atoms = texts.atoms
+    flat = (atoms[..., 0] * (WILD_SHAPE + 1) + atoms[..., 1]) * (WILD_REGION + 1) + atoms[..., 2]  # (T, 2)
     satisfied = (table[:, flat[:, 0]] & table[:, flat[:, 1]]).T
     own = torch.zeros_like(satisfied)
     own[:n].fill_diagonal_(True)
@@ -436,15 +483,42 @@ def architecture_for(image_size: int, pool: str = "token") -> dict[str, Any]:
 
 
 def load_initial_weights(model: torch.nn.Module, directory: str, tokenize: CompactTokenizer) -> dict[str, Any]:
-    """Copy a saved demo CLIP's weights into ``model`` (positional embeddings resized to its grid);
-    returns the saved model's metadata (how it was trained), to be kept with the new weights."""
+    """Copy a saved demo CLIP's weights into ``model`` (positional embeddings resized to its grid; token
+    embeddings mapped by BPE id when the saved vocabulary is a subset of ``tokenize``'s, words new to it
+    keeping ``model``'s initial rows); returns the saved model's metadata, to be kept with the new weights."""
     initial, initial_tokenize = load_demo_clip("cpu", directory)
-    if list(getattr(initial_tokenize, "kept_ids", ())) != list(tokenize.kept_ids):
-        raise InvalidParameterError(f"{directory} was trained with another vocabulary than the scene language's")
+    saved_ids = list(getattr(initial_tokenize, "kept_ids", ()))
+    if not set(saved_ids) <= set(tokenize.kept_ids):
+        raise InvalidParameterError(
+            f"{directory} was trained with words the scene language no longer has (another vocabulary)"
+        )
     state = initial.state_dict()
     resize_pos_embed(state, model)
+    state["token_embedding.weight"] = map_token_embedding(
+        state["token_embedding.weight"], saved_ids, model.state_dict()["token_embedding.weight"], tokenize.kept_ids
+    )
     model.load_state_dict(state, strict=True)
     return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("metadata", {})
+
+
+def map_token_embedding(
+    saved: torch.Tensor, saved_ids: Sequence[int], initial: torch.Tensor, kept_ids: Sequence[int]
+) -> torch.Tensor:
+    """Token embedding rows for the compact vocabulary of ``kept_ids``: the special rows (padding, unknown,
+    start, end) and every BPE id both vocabularies keep come from ``saved``; the others from ``initial``.
+
+    Example:
+        >>> saved = torch.arange(6.0)[:, None]  # pad, unk, start, ids 7 and 9, end
+        >>> map_token_embedding(saved, [7, 9], torch.full((7, 1), -1.0), [7, 8, 9])[:, 0].tolist()
+        [0.0, 1.0, 2.0, 3.0, -1.0, 4.0, 5.0]
+    """
+    rows = initial.clone()
+    rows[:FIRST_WORD_ID] = saved[:FIRST_WORD_ID]
+    rows[-1] = saved[-1]
+    position = {bpe: FIRST_WORD_ID + i for i, bpe in enumerate(kept_ids)}
+    for i, bpe in enumerate(saved_ids):
+        rows[position[bpe]] = saved[FIRST_WORD_ID + i]
+    return rows
 
 
 def train(config: TrainConfig) -> dict[str, float]:

@@ -6,7 +6,7 @@ Architecture (``DEMO_CLIP_ARCHITECTURE``): a standard open_clip ``CLIP`` whose i
 the text tower is 3 blocks of width 128 with a 32-token context.
 
 Tokenizer: open_clip's own CLIP BPE (shipped inside open_clip, works offline), with its ids mapped onto
-a compact vocabulary: the BPE ids of every word the scene language uses (``scene_vocabulary``), plus
+a compact vocabulary: the BPE ids of every word the scene language uses (``reference_vocabulary``), plus
 padding, an unknown-word id, start and end. Any text tokenizes; BPE pieces outside the kept set become
 the unknown id. The end token has the largest compact id, so open_clip's argmax text pooling finds it.
 
@@ -36,7 +36,7 @@ import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from api_tool.demo.scenes import scene_vocabulary
+from api_tool.demo.scenes import reference_vocabulary
 from api_tool.errors import WeightsUnavailableError
 
 DEMO_CLIP_DIR = Path(__file__).resolve().parent / "weights" / "clip"
@@ -106,7 +106,8 @@ class CompactTokenizer:
 
     @classmethod
     def for_scene_language(cls, context_length: int = 32) -> CompactTokenizer:
-        """A tokenizer keeping the BPE ids of every word in ``scene_vocabulary()``."""
+        """A tokenizer keeping the BPE ids of every word in ``reference_vocabulary()`` (captions, questions and
+        the reference kinds' queries)."""
         return cls(scene_token_ids(), context_length)
 
     @property
@@ -124,7 +125,7 @@ def scene_token_ids() -> list[int]:
     """The CLIP BPE ids of the scene language's words, sorted (the compact vocabulary)."""
     bpe = SimpleTokenizer()
     ids: set[int] = set()
-    for word in scene_vocabulary():
+    for word in reference_vocabulary():
         ids.update(bpe.encode(word))
     ids.discard(0)
     return sorted(ids)

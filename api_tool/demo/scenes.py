@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from itertools import permutations
 from typing import Protocol
@@ -45,6 +45,7 @@ import torch
 from numpy.typing import NDArray
 from PIL import Image
 
+from api_tool.demo_notice import DEMO_SCENE_KEY
 from api_tool.errors import InvalidParameterError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
@@ -700,9 +701,11 @@ def _scene_from_render(seed: int, layouts: Layouts, rendered: Rendered, size: tu
             )
         )
     pixels = rendered.images[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+    image.info[DEMO_SCENE_KEY] = seed
     return Scene(
         seed=seed,
-        image=Image.fromarray(np.ascontiguousarray(pixels), mode="RGB"),
+        image=image,
         objects=tuple(objects),
         background=BACKGROUNDS[int(layouts.background[0])],
         caption=describe(objects, random.Random(seed)),
@@ -1089,4 +1092,228 @@ def scene_vocabulary() -> tuple[str, ...]:
         for placeholder in ("{x}", "{a}", "{shape}", "{shapes}", "{colour}", "{y}", "{relation}"):
             text = text.replace(placeholder, " ")
         words.update(text.replace("?", " ? ").replace(",", " , ").replace(".", " . ").split())
+    return tuple(sorted(words))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference kinds: how users point at an object ("the red one", "what is next to the star?", "the
+# thing in the top left corner", "can you find the little blue square?"), with the ground truth.
+# ----------------------------------------------------------------------------------------------
+
+REFERENCE_KINDS: tuple[str, ...] = ("full", "colour", "shape", "relation", "position", "free")
+"""How a query names its target: by colour and shape, by colour alone, by shape alone, by a relation to
+another object, by its place in the canvas, or in free phrasing."""
+CANVAS_REGIONS: dict[str, tuple[int, int]] = {
+    "in the top left corner": (0, 0),
+    "at the top": (1, 0),
+    "in the top right corner": (2, 0),
+    "on the left": (0, 1),
+    "in the middle": (1, 1),
+    "on the right": (2, 1),
+    "in the bottom left corner": (0, 2),
+    "at the bottom": (1, 2),
+    "in the bottom right corner": (2, 2),
+}
+"""The canvas's 3 x 3 cells, (column, row), by the phrase that names them; an object is in the cell that
+holds its centre."""
+REGION_NAMES: tuple[str, ...] = tuple(CANVAS_REGIONS)
+COLOUR_REFERENCE_TEMPLATES: tuple[str, ...] = (
+    "the {colour} one",
+    "the {colour} thing",
+    "where is the {colour} one?",
+    "what is the {colour} object?",
+    "the {colour} shape",
+    "find the {colour} one",
+)
+SHAPE_REFERENCE_TEMPLATES: tuple[str, ...] = (
+    "the {shape}",
+    "where is the {shape}?",
+    "what colour is the {shape}?",
+    "find the {shape}",
+    "the {shape} one",
+)
+RELATION_REFERENCE_TEMPLATES: tuple[str, ...] = (
+    "what is next to the {x}?",
+    "the thing next to the {x}",
+    "what is {relation} the {x}?",
+    "the object {relation} the {x}",
+)
+POSITION_REFERENCE_TEMPLATES: tuple[str, ...] = (
+    "the thing {where}",
+    "what is {where}?",
+    "the object {where}",
+    "the shape {where}",
+    "what's {where}?",
+)
+FREE_REFERENCE_TEMPLATES: tuple[str, ...] = (
+    "can you find the little {x}?",
+    "where's the {x}",
+    "i am looking for {a} {x}",
+    "do you see {a} {x} anywhere?",
+    "point to the {x} please",
+    "show me where the {x} is",
+    "hey, where is the {x}?",
+    "could you tell me where the small {x} is?",
+)
+
+
+@dataclass(frozen=True)
+class ObjectPattern:
+    """What an image must hold for a reference to find something: an object of this colour, this shape,
+    in this canvas region (``None``: any)."""
+
+    colour: str | None = None
+    shape: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A query that refers to objects of a scene, with its ground truth.
+
+    Attributes:
+        text: the query, e.g. "the red one".
+        kind: one of ``REFERENCE_KINDS``.
+        targets: indices (into the scene's objects) of the objects a good map points at: the object
+            referred to; for relations the anchor and the closest object in that relation ("what is next
+            to the star?": the star and its nearest neighbour; "what is left of the star?": the star and
+            the closest object left of it).
+        pattern: the object an image must hold for the query to make sense (for relations: the anchor).
+    """
+
+    text: str
+    kind: str
+    targets: tuple[int, ...]
+    pattern: ObjectPattern
+
+
+def region_of(obj: PlacedObject, canvas: tuple[float, float]) -> str:
+    """The name of the 3 x 3 canvas cell holding the object's centre; ``canvas`` is (width, height) in the
+    units of the object's centre.
+
+    Example:
+        >>> region_of(ObjectFacts("star", "red", (10.0, 90.0), 5.0), (100.0, 100.0))
+        'in the bottom left corner'
+    """
+    width, height = canvas
+    column = min(2, max(0, int(3 * obj.center[0] / width)))
+    row = min(2, max(0, int(3 * obj.center[1] / height)))
+    return REGION_NAMES[row * 3 + column]
+
+
+def _unique(objects: Sequence[PlacedObject], key: Callable[[PlacedObject], str]) -> list[int]:
+    counts = Counter(key(o) for o in objects)
+    return [i for i, o in enumerate(objects) if counts[key(o)] == 1]
+
+
+def _nearest(objects: Sequence[PlacedObject], index: int, among: Sequence[int] | None = None) -> int:
+    """The index of the object (of ``among``; default all others) whose centre is closest to object ``index``'s."""
+    anchor = objects[index]
+    return min(
+        among if among is not None else [i for i in range(len(objects)) if i != index],
+        key=lambda i: math.hypot(objects[i].center[0] - anchor.center[0], objects[i].center[1] - anchor.center[1]),
+    )
+
+
+def reference_query(
+    objects: Sequence[PlacedObject], kind: str, rng: random.Random, canvas: tuple[float, float]
+) -> Reference | None:
+    """A query of reference kind ``kind`` about one of the objects, or ``None`` when the scene has no
+    unambiguous one (e.g. no colour held by a single object for ``"colour"``).
+
+    ``canvas`` is (width, height) in the units of the objects' centres (pixels for ``SceneObject``).
+
+    Example:
+        >>> scene = generate_scene(5, size=(320, 224), n_objects=4)
+        >>> ref = reference_query(scene.objects, "colour", random.Random(0), scene.size)
+        >>> ref.kind, scene.objects[ref.targets[0]].colour in ref.text
+        ('colour', True)
+    """
+    if kind not in REFERENCE_KINDS:
+        raise InvalidParameterError(f"kind must be one of {REFERENCE_KINDS}, got {kind!r}")
+    if kind == "colour":
+        unique = _unique(objects, lambda o: o.colour)
+        if not unique:
+            return None
+        index = rng.choice(unique)
+        colour = objects[index].colour
+        text = rng.choice(COLOUR_REFERENCE_TEMPLATES).format(colour=colour)
+        return Reference(text, kind, (index,), ObjectPattern(colour=colour))
+    if kind == "shape":
+        unique = _unique(objects, lambda o: o.shape)
+        if not unique:
+            return None
+        index = rng.choice(unique)
+        shape = objects[index].shape
+        text = rng.choice(SHAPE_REFERENCE_TEMPLATES).format(shape=shape)
+        return Reference(text, kind, (index,), ObjectPattern(shape=shape))
+    if kind == "position":
+        regions = [region_of(o, canvas) for o in objects]
+        counts = Counter(regions)
+        unique = [i for i, region in enumerate(regions) if counts[region] == 1]
+        if not unique:
+            return None
+        index = rng.choice(unique)
+        text = rng.choice(POSITION_REFERENCE_TEMPLATES).format(where=regions[index])
+        return Reference(text, kind, (index,), ObjectPattern(region=regions[index]))
+    by_name = _unique(objects, name_of)
+    by_shape = set(_unique(objects, lambda o: o.shape))
+    if kind == "relation":
+        anchors = [i for i in by_name if len(objects) > 1]
+        if not anchors:
+            return None
+        index = rng.choice(anchors)
+        anchor = objects[index]
+        phrase, pattern = (
+            (anchor.shape, ObjectPattern(shape=anchor.shape))
+            if index in by_shape and rng.random() < 0.5
+            else (name_of(anchor), ObjectPattern(anchor.colour, anchor.shape))
+        )
+        relations = {
+            relation: tuple(i for i, o in enumerate(objects) if i != index and relation in true_relations(o, anchor))
+            for relation in RELATIONS
+        }
+        template = rng.choice(RELATION_REFERENCE_TEMPLATES)
+        if "{relation}" in template:
+            held = [relation for relation, related in relations.items() if related]
+            if held:
+                relation = rng.choice(held)
+                text = template.format(x=phrase, relation=relation)
+                closest = _nearest(objects, index, relations[relation])
+                return Reference(text, kind, (index, closest), pattern)
+            template = RELATION_REFERENCE_TEMPLATES[0]
+        return Reference(template.format(x=phrase), kind, (index, _nearest(objects, index)), pattern)
+    if not by_name:
+        return None
+    index = rng.choice(by_name)
+    obj = objects[index]
+    if kind == "free" and index in by_shape and rng.random() < 0.3:
+        phrase, pattern = obj.shape, ObjectPattern(shape=obj.shape)
+    else:
+        phrase, pattern = name_of(obj), ObjectPattern(obj.colour, obj.shape)
+    templates = FREE_REFERENCE_TEMPLATES if kind == "free" else OBJECT_QUERY_TEMPLATES
+    return Reference(rng.choice(templates).format(x=phrase, a=article(phrase)), kind, (index,), pattern)
+
+
+def reference_vocabulary() -> tuple[str, ...]:
+    """``scene_vocabulary()`` plus every word the reference queries can produce (the demo CLIP's text side).
+
+    Example:
+        >>> {"corner", "next", "little"} <= set(reference_vocabulary())
+        True
+    """
+    words = set(scene_vocabulary())
+    templates = (
+        COLOUR_REFERENCE_TEMPLATES
+        + SHAPE_REFERENCE_TEMPLATES
+        + RELATION_REFERENCE_TEMPLATES
+        + POSITION_REFERENCE_TEMPLATES
+        + FREE_REFERENCE_TEMPLATES
+        + REGION_NAMES
+    )
+    for template in templates:
+        text = template
+        for placeholder in ("{x}", "{a}", "{shape}", "{colour}", "{relation}", "{where}"):
+            text = text.replace(placeholder, " ")
+        words.update(text.replace("?", " ? ").replace(",", " , ").split())
     return tuple(sorted(words))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image
 from api_tool.backends.towers import tower_for
 from api_tool.backends.towers.base import ClsPooling, ProbePooling
 from api_tool.demo.clip_model import CompactTokenizer, build_demo_clip, load_demo_clip, save_demo_clip
+from api_tool.demo.scenes import COLOUR_NAMES, REGION_NAMES, SHAPES, region_of, sample_layouts
 from api_tool.errors import InvalidParameterError
 from tests.tolerances import assert_sums_close
 from training.flags import parse_config
@@ -29,7 +31,10 @@ from training.train_clip import (
     architecture_for,
     cosine_lr,
     load_initial_weights,
+    make_texts,
     parse_args,
+    positives,
+    presence,
     sigmoid_loss,
     train,
 )
@@ -186,3 +191,53 @@ def test_siglip_variant_trains_and_saves_a_loadable_model_with_its_bias(tmp_path
     model, _ = load_demo_clip("cpu", tmp_path / "siglip")
     assert float(model.logit_scale.detach().exp()) == pytest.approx(10.0, rel=0.01)
     assert isinstance(tower_for(model).pooling, ProbePooling)
+
+
+def test_presence_with_regions_equals_the_literal_table() -> None:
+    layouts = sample_layouts(24, torch.Generator().manual_seed(5))
+    table = presence(layouts)
+    assert table.shape == (24, len(COLOUR_NAMES) + 1, len(SHAPES) + 1, len(REGION_NAMES) + 1)
+    for scene, (objects, aspect) in enumerate(zip(layouts.facts(), layouts.aspect.tolist())):
+        canvas = (aspect, 1.0) if aspect >= 1.0 else (1.0, 1.0 / aspect)
+        held = {(o.colour, o.shape, region_of(o, canvas)) for o in objects}
+        for c, colour in enumerate((*COLOUR_NAMES, None)):
+            for s, shape in enumerate((*SHAPES, None)):
+                for r, region in enumerate((*REGION_NAMES, None)):
+                    expected = any(
+                        colour in (None, h[0]) and shape in (None, h[1]) and region in (None, h[2]) for h in held
+                    ) or (colour is None and shape is None and region is None)
+                    assert bool(table[scene, c, s, r]) == expected, (scene, colour, shape, region)
+
+
+def test_query_positives_are_the_images_holding_the_pattern(tokenize: CompactTokenizer) -> None:
+    layouts = sample_layouts(16, torch.Generator().manual_seed(6))
+    texts = make_texts(layouts, random.Random(6), tokenize, {})
+    positive = positives(layouts, texts)
+    table = presence(layouts)
+    n = layouts.size
+    for t in range(2 * n, 4 * n):
+        (c0, s0, r0), (c1, s1, r1) = texts.atoms[t].tolist()
+        expected = table[:, c0, s0, r0] & table[:, c1, s1, r1]
+        assert torch.equal(positive[t], expected)
+    assert torch.equal(positive[:n], torch.eye(n, dtype=torch.bool)) and not positive[n : 2 * n].any()
+
+
+def test_token_embeddings_map_by_bpe_id_across_vocabularies(stage_one: Path, tokenize: CompactTokenizer) -> None:
+    smaller = CompactTokenizer(tokenize.kept_ids[::2], 32)
+    torch.manual_seed(1)
+    old = build_demo_clip(smaller.vocab_size, architecture_for(224)).eval()
+    directory = save_demo_clip(old, smaller, stage_one.parent / "smaller", architecture=architecture_for(224))
+    old, _ = load_demo_clip("cpu", directory)
+    model = build_demo_clip(tokenize.vocab_size, architecture_for(224))
+    before = model.token_embedding.weight.detach().clone()
+    load_initial_weights(model, str(directory), tokenize)
+    model.eval()
+    texts = ["where is the red circle?", "a blue square left of a red star"]
+    known = [text for text in texts if not bool((smaller(text) == 1).any())]
+    for text in known:
+        torch.testing.assert_close(model.encode_text(tokenize(text)), old.encode_text(smaller(text)), rtol=0, atol=0)
+    new_rows = [3 + i for i, bpe in enumerate(tokenize.kept_ids) if bpe not in set(smaller.kept_ids)]
+    torch.testing.assert_close(model.token_embedding.weight[new_rows], before[new_rows], rtol=0, atol=0)
+    old_rows = [3 + tokenize.kept_ids.index(bpe) for bpe in smaller.kept_ids]
+    torch.testing.assert_close(model.token_embedding.weight[old_rows], old.token_embedding.weight[3:-1], rtol=0, atol=0)
+    torch.testing.assert_close(model.token_embedding.weight[-1], old.token_embedding.weight[-1], rtol=0, atol=0)
