@@ -15,7 +15,15 @@ from agents.eval_options import EvalOptions
 from agents.eval_ray import RayOptions, evaluate_on_ray
 from agents.eval_reports import EvalReport
 from agents.eval_runner import evaluate
-from agents.metrics import bootstrap_interval, change_counts, mcnemar_test, paired_difference_interval, pope_scores
+from agents.metrics import (
+    bootstrap_interval,
+    change_counts,
+    final_line_share,
+    mcnemar_test,
+    paired_difference_interval,
+    pope_scores,
+    tool_call_rates,
+)
 from agents.middleware import ImageToolMessageMiddleware, accepts_tool_message_images, hoist_tool_images
 from agents.prompts import AGENT_SYSTEM_PROMPT, STRATEGIES, ReflectionStrategy, get_strategy, parse_final_answer
 from agents.reflection import (
@@ -52,6 +60,7 @@ __all__ = [
     "default_tool",
     "evaluate",
     "evaluate_on_ray",
+    "final_line_share",
     "get_strategy",
     "hoist_tool_images",
     "load_jsonl",
@@ -62,5 +71,6 @@ __all__ = [
     "pope_scores",
     "reflect",
     "synthetic_items",
+    "tool_call_rates",
     "write_jsonl",
 ]

@@ -301,6 +301,7 @@ class ChatTransformersVLM(BaseChatModel):
 
     _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _recorder: AnswerRecorder | None = PrivateAttr(default=None)
+    _recorder_made: bool = PrivateAttr(default=False)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEMO_NAME, **kwargs: Any) -> ChatTransformersVLM:
@@ -334,10 +335,11 @@ class ChatTransformersVLM(BaseChatModel):
             >>> ChatTransformersVLM.from_pretrained("demo").self_map_recorder().layer  # doctest: +SKIP
             2
         """
-        if self._recorder is None:
+        if not self._recorder_made:
             from api_tool.backends.lvlm import answer_recorder
 
             self._recorder = answer_recorder(self.load(), self.processor, self.self_map_layer)
+            self._recorder_made = True
         return self._recorder
 
     @property

@@ -10,8 +10,8 @@ A langgraph ``StateGraph``::
   paper does; later rounds query the question and the current answer (the same query would give the
   same image). A backend that scores answers (LLaVA self-attribution) scores the current answer;
   The ``zoom`` strategy's annotation is the crop of the attended region resized to the tool's
-  ``zoom_size`` (``style="zoom"``), from a tiled map when the image is large (the tool's ``tiles``, or
-  ``"auto"`` when the tool sets none); its box in the original image goes into the trace (``crop_box``);
+  ``zoom_size`` (``style="zoom"``), from a tiled map when the image is large (the tool's ``tiles``,
+  ``"auto"`` by default); its box in the original image goes into the trace (``crop_box``);
 * ``reflect``: the target is re-asked with the strategy's images and text (see ``agents.prompts``);
 * another round runs while rounds are left and the last one changed the answer.
 
@@ -292,8 +292,7 @@ class _ReflectionNodes:
         """The tool's output for this round: the crop of the attended region for ``zoom``, else its style."""
         if not self.zooms:
             return self.tool.annotate(image, query, answer=scored)
-        tiles = self.tool.tiles if self.tool.tiles is not None else "auto"
-        return self.tool.annotate(image, query, answer=scored, style="zoom", tiles=tiles)
+        return self.tool.annotate(image, query, answer=scored, style="zoom")
 
     def annotate(self, state: ReflectionState) -> dict[str, Any]:
         """Node: the attention-prompted image (the crop for ``zoom``) for this round (nothing for ``iterative``)."""

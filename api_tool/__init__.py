@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from api_tool.images import encode_image, load_image
     from api_tool.maps import AttributionMap
     from api_tool.prompt import PromptedImage, attention_prompt, attention_prompt_many
+    from api_tool.tiling import tiled_attribution
     from api_tool.tool import AttentionPromptTool
 
 _MODULE_OF = {
@@ -40,6 +41,7 @@ _MODULE_OF = {
     "encode_image": "api_tool.images",
     "get_attributor": "api_tool.backends.registry",
     "load_image": "api_tool.images",
+    "tiled_attribution": "api_tool.tiling",
 }
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "get_attributor",
     "load_image",
     "render",
+    "tiled_attribution",
 ]
 
 

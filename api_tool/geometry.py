@@ -185,9 +185,14 @@ def zoom_box(
     level = threshold * peak
     min_side = min_share * min(width, height)
     window = _fit_box((peak_col + 0.5, peak_row + 0.5), min_side, min_side, (width, height))
+    grow = max(1.0, min_side / 2)
+    previous = None
     while True:
-        wx0, wy0, wx1, wy1 = (round(v) for v in window)
-        region = _region_in_window(values, (wx0, wy0, wx1, wy1), level)
+        rounded = tuple(round(v) for v in window)
+        if rounded == previous:
+            break
+        wx0, wy0, wx1, wy1 = previous = rounded
+        region = _region_in_window(values, rounded, level)
         touches = (
             (region[0] == wx0 and wx0 > 0)
             or (region[1] == wy0 and wy0 > 0)
@@ -196,7 +201,6 @@ def zoom_box(
         )
         if not touches:
             break
-        grow = min_side / 2
         window = (
             max(0.0, region[0] - grow),
             max(0.0, region[1] - grow),

@@ -61,7 +61,8 @@ MIN_WEIGHT = 1e-3
 def tile_layout(image_size: tuple[int, int], input_side: int, tiles: Tiles) -> int | None:
     """How many tiles along the image's longer side (``None``: no tiling).
 
-    ``tiles=None`` never tiles; an int is taken as is (1 tiles with one tile, the whole image);
+    ``tiles=None`` never tiles; an int is taken as is (1 tiles with one tile, the whole image) up to the
+    count whose tiles are half the input's side (more would only upsample slivers: refused);
     ``"auto"`` tiles only images whose longer side is at least ``AUTO_MIN_RATIO`` times ``input_side``,
     with ``longer / input_side`` tiles along it (rounded), at most ``AUTO_MAX_TILES``.
 
@@ -78,6 +79,12 @@ def tile_layout(image_size: tuple[int, int], input_side: int, tiles: Tiles) -> i
         return min(AUTO_MAX_TILES, max(2, round(longer / input_side)))
     if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
         raise InvalidParameterError(f"tiles must be 'auto', a positive integer or None, got {tiles!r}")
+    most = max(1, 2 * max(image_size) // input_side)
+    if tiles > most:
+        raise InvalidParameterError(
+            f"tiles={tiles} would cut the {image_size[0]}x{image_size[1]} image into tiles smaller than half the "
+            f"auxiliary model's {input_side} px input; use at most {most} (or 'auto')"
+        )
     return tiles
 
 

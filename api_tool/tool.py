@@ -54,7 +54,7 @@ from pydantic.v1 import ValidationError as ValidationErrorV1
 
 from api_tool.backends.base import Attributor, check_query
 from api_tool.backends.registry import get_attributor
-from api_tool.demo_notice import DEMO_NOTICE, first_notice, is_demo_model
+from api_tool.demo_notice import DEMO_NOTICE, first_notice, is_demo_model, is_user_image
 from api_tool.errors import ApiPromptingError, ImageLoadError, ImagePathNotAllowedError, InvalidParameterError
 from api_tool.image_refs import load_named_image, resolve_allowed_dirs
 from api_tool.images import ImageRef, encode_image, load_image
@@ -253,8 +253,9 @@ class AttentionPromptTool(BaseTool):
         style, gray_level: how the mask is drawn (``api_tool.render``); ``style="zoom"`` returns the crop of
             the attended region resized to ``zoom_size`` (ViCrop), its box named in the text.
         zoom_size: the zoom crop's side in pixels (the target's input; 336 as LLaVA-1.5).
-        tiles: tiled attribution for large images (``api_tool.tiling``): ``"auto"``, a number of tiles along
-            the longer side, or ``None`` (never).
+        tiles: tiled attribution for large images (``api_tool.tiling``): ``"auto"`` (the default: tiles only
+            for images at least 3x the auxiliary's input), a number of tiles along the longer side, or
+            ``None`` (never).
         max_side: longest side of the returned image in pixels (``None``: the original size).
         image_format: ``"PNG"`` or ``"JPEG"`` for the returned image.
         allow_remote: let ``image`` be an ``http(s)`` URL.
@@ -263,6 +264,9 @@ class AttentionPromptTool(BaseTool):
             (``~`` expanded, symlinks followed, must exist); a path in a call is resolved the same way and
             must be an existing file inside one of them, so ``..``, symlinks pointing out and ``file:``
             URIs are refused. Images the user sent, data URIs and base64 strings need no permission.
+        demo_notice: with a demo attributor, the first result's text (once per process) says what the demo
+            was trained on and how to use a real model; set ``False`` when the conversation's images are
+            demo scenes themselves (examples, the study), where the sentence would only be noise.
 
     Example:
         >>> from langchain.agents import create_agent  # doctest: +SKIP
@@ -283,11 +287,12 @@ class AttentionPromptTool(BaseTool):
     style: Style = "gray"
     gray_level: int = Field(default=0, ge=0, le=255)
     zoom_size: int = Field(default=ZOOM_SIZE, ge=8)
-    tiles: Tiles = None
+    tiles: Tiles = "auto"
     max_side: int | None = Field(default=768, ge=1)
     image_format: Literal["PNG", "JPEG"] = "PNG"
     allow_remote: bool = False
     allowed_dirs: list[Path] = Field(default_factory=list)
+    demo_notice: bool = True
 
     _backend: Attributor | None = PrivateAttr(default=None)
     _backend_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -364,10 +369,11 @@ class AttentionPromptTool(BaseTool):
         if result.crop_box is not None:
             x0, y0, x1, y1 = result.crop_box
             width, height = result.original.size
+            action = "Zoomed in on" if self.style == "zoom" else "Cropped to"
             text = (
-                f"Zoomed in on the region of {origin} most relevant to {question.strip()!r} with the {backend} "
+                f"{action} the region of {origin} most relevant to {question.strip()!r} with the {backend} "
                 f"attributor in {total:.2f} s: x {x0}-{x1}, y {y0}-{y1} px of the {width}x{height} image "
-                f"({self.style} style). The enlarged region follows; check your answer against its details."
+                f"({self.style} style). The region follows; check your answer against its details."
             )
         else:
             text = (
@@ -375,7 +381,7 @@ class AttentionPromptTool(BaseTool):
                 f"attributor in {total:.2f} s; the rest is de-emphasised ({self.style} style). "
                 "The annotated image follows; check your answer against the highlighted regions."
             )
-        if is_demo_model(self.backend) and first_notice("tool"):
+        if self.demo_notice and is_demo_model(self.backend) and is_user_image(loaded) and first_notice("tool"):
             text = f"{text} {DEMO_NOTICE}"
         content = [{"type": "text", "text": text}, {"type": "image", "base64": data, "mime_type": mime_type}]
         artifact = {

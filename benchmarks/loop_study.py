@@ -79,6 +79,7 @@ from api_tool.demo.scenes import (
 )
 from api_tool.errors import ApiPromptingError, DatasetError
 from api_tool.render import render
+from api_tool.tool import AttentionPromptTool
 
 STUDY_MODES: tuple[str, ...] = ("plain", "iterative", "masked", "verify", "zoom", "self")
 DEFAULT_SETS: tuple[str, ...] = ("random", "popular", "adversarial", "qa", "small")
@@ -362,7 +363,8 @@ def agent_part(target: BaseChatModel, args: argparse.Namespace) -> dict[str, Any
     chosen = detail + whole
     if not chosen:
         return {"skipped": "no items", "sets": [_set_json(s) for s in sets]}
-    agent = create_api_agent(target)
+    tool = AttentionPromptTool(attributor=args.attributor, demo_notice=False)  # the sets are demo scenes
+    agent = create_api_agent(target, attention_tool=tool)
     rows = []
     for item in chosen:
         rows.append({**ask_agent(agent, item), "scope": scope_of(item), "question": item.question})

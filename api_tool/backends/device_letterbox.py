@@ -125,11 +125,16 @@ def decode_images(images: Sequence[ImageRef]) -> list[Image.Image]:
         >>> [image.mode for image in decode_images([Image.new("L", (2, 2)), Image.new("RGB", (3, 3))])]
         ['RGB', 'RGB']
     """
-    workers = min(MAX_COPY_WORKERS, len(images), os.cpu_count() or 1)
+    # each object once: two threads loading one lazily opened PIL image would share its file pointer
+    distinct = list({id(image): image for image in images}.values())
+    workers = min(MAX_COPY_WORKERS, len(distinct), os.cpu_count() or 1)
     if workers < 2:
-        return [load_image(image) for image in images]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(load_image, images))
+        loaded = [load_image(image) for image in distinct]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            loaded = list(pool.map(load_image, distinct))
+    by_id = {id(image): result for image, result in zip(distinct, loaded)}
+    return [by_id[id(image)] for image in images]
 
 
 def upload_images(images: Sequence[Image.Image], device: torch.device) -> dict[tuple[int, int], torch.Tensor]:

@@ -8,9 +8,10 @@ shapes, so the outputs equal the eager ones within float rounding, for a fractio
 
 The outputs of a replay live in the graph's own buffers and are overwritten by the next replay: the
 caller reads them before calling again (``ClipAttributor`` does so under its forward lock). Anything else
-runs eagerly: CPU and MPS tensors, batches above ``max_batch``, and every call after a capture failed
-(the failure is kept in ``failure`` and warned about once). At most ``max_graphs`` shapes are kept; each
-holds its activations' memory (about 70 MiB for ViT-L-14-336 fp16 at batch 1).
+runs eagerly: CPU and MPS tensors, batches above ``max_batch``, every call with ``enabled`` False, and
+the shapes whose capture failed (the last failure is kept in ``failure``; each is warned about once).
+At most ``max_graphs`` shapes are kept; each holds its activations' memory (about 70 MiB for
+ViT-L-14-336 fp16 at batch 1).
 
 Example:
     >>> import torch
@@ -51,18 +52,20 @@ class GraphedPass(Generic[Output]):
         self.enabled = True
         self.failure: str | None = None
         self._graphs: OrderedDict[tuple[int, ...], _Captured[Output]] = OrderedDict()
+        self._failed: set[tuple[int, ...]] = set()
 
     def __call__(self, pixels: torch.Tensor) -> Output:
-        if not self.enabled or pixels.device.type != "cuda" or pixels.shape[0] > self.max_batch:
-            return self.function(pixels)
         key = tuple(pixels.shape)
+        if not self.enabled or pixels.device.type != "cuda" or pixels.shape[0] > self.max_batch or key in self._failed:
+            return self.function(pixels)
         captured = self._graphs.get(key)
         if captured is None:
             try:
                 captured = self._capture(pixels)
             except RuntimeError as exc:
-                self.enabled, self.failure = False, f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"CUDA graph capture failed, running eagerly: {self.failure}", stacklevel=2)
+                self._failed.add(key)
+                self.failure = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"CUDA graph capture failed for {key}, running it eagerly: {self.failure}", stacklevel=2)
                 return self.function(pixels)
             self._graphs[key] = captured
             while len(self._graphs) > self.max_graphs:
@@ -81,6 +84,7 @@ class GraphedPass(Generic[Output]):
                 self.function(static_input)
         torch.cuda.current_stream(pixels.device).wait_stream(side_stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread's CUDA work (a target LVLM answering) does not break this capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_output = self.function(static_input)
         return _Captured(graph, static_input, static_output)

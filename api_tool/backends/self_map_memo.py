@@ -207,9 +207,11 @@ class SelfMapMemo:
                 and answer_extends(recording.token_ids, answer_ids)
                 and same_value(recording.inputs, inputs)
             ):
-                self.hits += 1
+                with self._lock:
+                    self.hits += 1
                 return recording
-        self.misses += 1
+        with self._lock:
+            self.misses += 1
         return None
 
     def clear(self) -> None:

@@ -19,6 +19,8 @@ from api_tool.demo.scenes import (
     QUESTION_TYPES,
     REFERENCE_KINDS,
     SHAPES,
+    SMALL_OBJECT_CONFIG,
+    WHOLE_SCENE_TYPES,
     Question,
     Reference,
     Scene,
@@ -31,6 +33,7 @@ from api_tool.demo.scenes import (
     render_layouts,
     sample_layouts,
     scene_questions,
+    whole_scene_question,
 )
 
 __all__ = [
@@ -41,6 +44,8 @@ __all__ = [
     "QUESTION_TYPES",
     "REFERENCE_KINDS",
     "SHAPES",
+    "SMALL_OBJECT_CONFIG",
+    "WHOLE_SCENE_TYPES",
     "CompactTokenizer",
     "Question",
     "Reference",
@@ -55,4 +60,5 @@ __all__ = [
     "render_layouts",
     "sample_layouts",
     "scene_questions",
+    "whole_scene_question",
 ]

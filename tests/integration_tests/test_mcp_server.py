@@ -125,7 +125,7 @@ async def check_tool_list(session: ClientSession) -> None:
         assert set(tool.inputSchema["required"]) == {"question", "image"}
         assert tool.annotations is not None and tool.annotations.readOnlyHint
     prompt_tool = next(tool for tool in listed if tool.name == "attention_prompt")
-    assert prompt_tool.inputSchema["properties"]["style"]["enum"] == ["gray", "heatmap", "crop", "contour"]
+    assert prompt_tool.inputSchema["properties"]["style"]["enum"] == ["gray", "heatmap", "crop", "contour", "zoom"]
 
 
 async def check_both_tools(session: ClientSession, files: Files) -> list[str]:
@@ -178,7 +178,7 @@ async def check_bad_inputs(session: ClientSession, files: Files) -> None:
         ({"image": "http://127.0.0.1:9/a.png"}, "remote image URLs are disabled"),
         ({"question": "   "}, "the query is empty"),
         ({"question": "where? " * 300}, "over this server's limit of 1,000"),
-        ({"style": "neon"}, "Input should be 'gray', 'heatmap', 'crop' or 'contour'"),
+        ({"style": "neon"}, "Input should be 'gray', 'heatmap', 'crop', 'contour' or 'zoom'"),
         ({"model": "clip:ViT-B-32"}, "does not serve the model 'clip:ViT-B-32'"),
     ]
     for change, message in bad:

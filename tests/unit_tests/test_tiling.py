@@ -226,3 +226,9 @@ def test_tiled_maps_point_at_small_objects_more_often_than_plain_maps() -> None:
             plain_hits += tiles is None and inside
             tiled_hits += tiles == "auto" and inside
     assert tiled_hits >= plain_hits + 2
+
+
+def test_more_tiles_than_half_input_slivers_are_refused_naming_the_limit() -> None:
+    assert tile_layout((1536, 1024), 288, 10) == 10
+    with pytest.raises(InvalidParameterError, match=r"tiles=50 .* 1536x1024 .* at most 10"):
+        tile_layout((1536, 1024), 288, 50)

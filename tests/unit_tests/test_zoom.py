@@ -191,3 +191,17 @@ def test_eval_zoom_mode_logs_the_crop_box(tmp_path: Path) -> None:
     for record in zoomed:
         x0, y0, x1, y1 = record["crop_box"]
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48 and record["annotated"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "min_share"), [((3, 3), 0.3), ((200, 300), 0.001), ((1, 40), 0.5)], ids=["3x3", "tiny-share", "one-row"]
+)
+def test_zoom_box_ends_on_tiny_images_and_tiny_shares(shape: tuple[int, int], min_share: float) -> None:
+    """A window that grows by less than a pixel once looped for ever; the box still holds the peak's region."""
+    mask = np.zeros(shape)
+    row, col = shape[0] // 2, shape[1] // 2
+    mask[row, col] = 1.0
+    mask[row, min(col + 1, shape[1] - 1)] = 0.9
+    x0, y0, x1, y1 = zoom_box(mask, min_share=min_share)
+    assert 0 <= x0 <= col < x1 <= shape[1] and 0 <= y0 <= row < y1 <= shape[0]
+    assert x1 > min(col + 1, shape[1] - 1)
