@@ -50,7 +50,12 @@ def main() -> None:
     parser.add_argument("--question", default=None, help="default: about one object of the scene")
     parser.add_argument("--attributor", default="demo", help="'demo', 'clip:<open_clip name>@<tag>', 'llava:...'")
     parser.add_argument("--target", default="demo", help="'demo' or a local LLaVA directory")
-    parser.add_argument("--strategy", default="verify", help="verify | masked | masked_hint | zoom | iterative")
+    parser.add_argument(
+        "--strategy",
+        default="masked",
+        help="masked (the paper's; default: the demo assistant's verify is near chance on yes/no, see the README) "
+        "| verify | masked_hint | zoom | iterative",
+    )
     parser.add_argument("--small-item", default=SMALL_ITEM, help="id of a small-object development item (part 2)")
     args = parser.parse_args()
     transformers_logging.disable_progress_bar()
