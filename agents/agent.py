@@ -57,7 +57,7 @@ def create_api_agent(
         tools: more tools; an ``AttentionPromptTool`` among them replaces the default one.
         attention_tool: the attention tool to add (default: ``AttentionPromptTool()``, the demo CLIP; then a
             ``DemoModelWarning``, once per process, says what the demo was trained on and how to use a real
-            model).
+            model; a demo tool with ``demo_notice=False`` stays silent).
         system_prompt: the caller's instructions, placed before the tool guidance.
         middleware: more middleware, outside the image middleware.
         image_middleware: the image middleware (default: ``ImageToolMessageMiddleware()``).
@@ -70,7 +70,7 @@ def create_api_agent(
     if not any(isinstance(tool, AttentionPromptTool) for tool in all_tools):
         all_tools.insert(0, attention_tool or AttentionPromptTool())
     attention = next(tool for tool in all_tools if isinstance(tool, AttentionPromptTool))
-    if is_demo_model(attention.attributor):
+    if attention.demo_notice and is_demo_model(attention.attributor):
         warn_demo_model("agent")
     return create_agent(
         model,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,6 @@ from agents.metrics import is_correct
 from api_tool import AttentionPromptTool, attention_prompt, get_attributor, load_image, render
 from api_tool.backends.base import Attributor
 from api_tool.demo.scenes import generate_scene, name_of, with_article
-from api_tool.errors import DemoModelWarning
 from api_tool.images import encode_image
 
 SMALL_ITEM = "small-7600004-2"
@@ -116,7 +114,6 @@ def small_detail(item_id: str, attributor: Attributor, target: ChatTransformersV
     print(f"\nsmall detail: {item.image} ({image.width}x{image.height}), {item.question!r}, truth {item.answer!r}")
 
     tool = AttentionPromptTool(attributor=attributor, demo_notice=False)  # the scene is the demo models' own kind
-    warnings.filterwarnings("ignore", category=DemoModelWarning)
     assistant = target.model_copy(update={"max_tokens": 64})  # room for a tool call; the same weights
     agent = create_api_agent(assistant, attention_tool=tool)
     data, mime_type = encode_image(image)

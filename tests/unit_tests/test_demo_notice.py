@@ -87,3 +87,16 @@ def test_the_cli_prints_one_stderr_line_for_the_demo_model(tmp_path: Path, capsy
     assert main([str(image), "a cat", "-o", str(tmp_path / "a.png")]) == 0
     assert main([str(image), "a dog", "-o", str(tmp_path / "b.png")]) == 0
     assert capsys.readouterr().err.count(DEMO_NOTICE) == 1
+
+
+def test_demo_notice_false_silences_the_tool_and_the_agent_for_demo_scenes() -> None:
+    data, _ = encode_image(photo())
+    call = {"type": "tool_call", "id": "1", "name": "attention_prompt", "args": {"image": data, "question": "a cat"}}
+    quiet = AttentionPromptTool(attributor="demo", demo_notice=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        create_api_agent(model_with(AIMessage("hi")), attention_tool=quiet)
+        text = quiet.invoke(call).content[0]["text"]
+    assert DEMO_NOTICE not in text
+    assert not [w for w in caught if issubclass(w.category, DemoModelWarning)]
+    assert DEMO_NOTICE in AttentionPromptTool(attributor="demo").invoke(call).content[0]["text"]
