@@ -527,13 +527,31 @@ def render_views(
             device=device,
         )
         pixels[rows] = zoomed.images
+    return soften_and_normalise(pixels, blur_probability, mean, std, generator)
+
+
+def soften_and_normalise(
+    pixels: torch.Tensor,
+    blur_probability: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Rendered ``(B, 3, S, S)`` pixels (0-255 floats) as the model's input: a share ``blur_probability`` of
+    them softened by a 3x3 box blur (inputs resized by the attributor have soft edges), rounded to whole grey
+    levels, scaled to [0, 1] and normalised by the processor's ``mean`` / ``std``.
+
+    Example:
+        >>> soften_and_normalise(torch.full((1, 3, 2, 2), 255.0), 0.0, [0.5] * 3, [0.5] * 3, None).unique().tolist()
+        [1.0]
+    """
     if blur_probability > 0.0:
         blurred = F.avg_pool2d(pixels, 3, stride=1, padding=1, count_include_pad=False)
-        chosen = torch.rand(pixels.shape[0], device=device, generator=generator) < blur_probability
+        chosen = torch.rand(pixels.shape[0], device=pixels.device, generator=generator) < blur_probability
         pixels = torch.where(chosen[:, None, None, None], blurred, pixels)
     pixels = pixels.round() / 255.0
-    mean_t = torch.tensor(mean, device=device, dtype=torch.float32)[None, :, None, None]
-    std_t = torch.tensor(std, device=device, dtype=torch.float32)[None, :, None, None]
+    mean_t = torch.tensor(mean, device=pixels.device, dtype=torch.float32)[None, :, None, None]
+    std_t = torch.tensor(std, device=pixels.device, dtype=torch.float32)[None, :, None, None]
     return (pixels - mean_t) / std_t
 
 

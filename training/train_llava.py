@@ -111,7 +111,7 @@ from training.assistant_batches import (
     image_features,
     make_held_out_sets,
 )
-from training.assistant_data import EpisodeRenderer, assistant_vocabulary, render_views
+from training.assistant_data import EpisodeRenderer, assistant_vocabulary, render_views, soften_and_normalise
 from training.flags import parse_config
 from training.llava_questions import (
     TYPE_NAMES,
@@ -367,15 +367,7 @@ def render_pixels(
         generator=generator,
         device=device,
     )
-    pixels = rendered.images
-    if blur_probability > 0.0:
-        blurred = F.avg_pool2d(pixels, 3, stride=1, padding=1, count_include_pad=False)
-        chosen = torch.rand(pixels.shape[0], device=device, generator=generator) < blur_probability
-        pixels = torch.where(chosen[:, None, None, None], blurred, pixels)
-    pixels = pixels.round() / 255.0
-    mean_t = torch.tensor(mean, device=device, dtype=torch.float32)[None, :, None, None]
-    std_t = torch.tensor(std, device=device, dtype=torch.float32)[None, :, None, None]
-    return (pixels - mean_t) / std_t, rendered.labels
+    return soften_and_normalise(rendered.images, blur_probability, mean, std, generator), rendered.labels
 
 
 def patch_coverage(labels: torch.Tensor, slots: int, patch: int) -> torch.Tensor:

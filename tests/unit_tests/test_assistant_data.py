@@ -109,15 +109,12 @@ def test_wrong_first_answers_are_plausible_and_wrong() -> None:
     assert plausible_wrong_answer("a red circle and a blue star", rng) is None
 
 
-def test_episode_forward_equals_the_model_forward(tiny: tuple) -> None:
-    """Images anywhere in the sequence, several per sequence: the training logits at the labelled
-    positions are the model's own forward pass one sequence at a time."""
-    model, processor, renderer = tiny
-    layouts, batch, _ = _episodes(renderer, 2)
-    image_processor = processor.image_processor
-    pixels = render_views(
-        layouts,
-        batch.views,
+def _pixels(processor: object, layouts: object, batch: object) -> torch.Tensor:
+    """The batch's views rendered on the CPU as the model's input, as training renders them."""
+    image_processor = processor.image_processor  # type: ignore[attr-defined]
+    return render_views(
+        layouts,  # type: ignore[arg-type]
+        batch.views,  # type: ignore[attr-defined]
         SIDE,
         PATCH,
         image_processor.image_mean,
@@ -125,6 +122,14 @@ def test_episode_forward_equals_the_model_forward(tiny: tuple) -> None:
         None,
         torch.device("cpu"),
     )
+
+
+def test_episode_forward_equals_the_model_forward(tiny: tuple) -> None:
+    """Images anywhere in the sequence, several per sequence: the training logits at the labelled
+    positions are the model's own forward pass one sequence at a time."""
+    model, processor, renderer = tiny
+    layouts, batch, _ = _episodes(renderer, 2)
+    pixels = _pixels(processor, layouts, batch)
     with torch.no_grad():
         logits, targets = episode_logits(
             model, image_features(model, pixels), batch.ids, batch.labels, renderer.image_id
@@ -146,17 +151,7 @@ def test_episode_forward_equals_the_model_forward(tiny: tuple) -> None:
 def test_greedy_generation_equals_generate(tiny: tuple) -> None:
     model, processor, renderer = tiny
     layouts, batch, episodes = _episodes(renderer, 3)
-    image_processor = processor.image_processor
-    pixels = render_views(
-        layouts,
-        batch.views,
-        SIDE,
-        PATCH,
-        image_processor.image_mean,
-        image_processor.image_std,
-        None,
-        torch.device("cpu"),
-    )
+    pixels = _pixels(processor, layouts, batch)
     prompts, first_views, view = [], [], 0
     for episode in episodes[:3]:
         prompts.append(renderer.prompt_ids(episode.calls[0], episode.tools))
