@@ -1231,22 +1231,14 @@ def reference_query(
     """
     if kind not in REFERENCE_KINDS:
         raise InvalidParameterError(f"kind must be one of {REFERENCE_KINDS}, got {kind!r}")
-    if kind == "colour":
-        unique = _unique(objects, lambda o: o.colour)
+    if kind in ("colour", "shape"):
+        unique = _unique(objects, lambda o: getattr(o, kind))
         if not unique:
             return None
         index = rng.choice(unique)
-        colour = objects[index].colour
-        text = rng.choice(COLOUR_REFERENCE_TEMPLATES).format(colour=colour)
-        return Reference(text, kind, (index,), ObjectPattern(colour=colour))
-    if kind == "shape":
-        unique = _unique(objects, lambda o: o.shape)
-        if not unique:
-            return None
-        index = rng.choice(unique)
-        shape = objects[index].shape
-        text = rng.choice(SHAPE_REFERENCE_TEMPLATES).format(shape=shape)
-        return Reference(text, kind, (index,), ObjectPattern(shape=shape))
+        value = {kind: getattr(objects[index], kind)}
+        templates = COLOUR_REFERENCE_TEMPLATES if kind == "colour" else SHAPE_REFERENCE_TEMPLATES
+        return Reference(rng.choice(templates).format(**value), kind, (index,), ObjectPattern(**value))
     if kind == "position":
         regions = [region_of(o, canvas) for o in objects]
         counts = Counter(regions)
