@@ -20,24 +20,37 @@ Recipe (what each part is for):
 * Optional deep supervision (``--aux-weight``): the CLS token after block ``--aux-layer`` (the block
   API reads, second-to-last by default) goes through ``ln_post`` and ``proj`` and gets the same loss,
   so that block's attention output to CLS is itself aligned with the text.
+* Optional map loss (``--map-weight``, ``--map-temperature``): the contrastive losses train only pooled
+  embeddings, never the per-patch map API reads. With it, each image's own query (not the adversarial
+  one) gets, in the training graph, the raw map ``ClipAttributor`` reads for the demo CLIP by default
+  (``PatchMaps`` at ``MAP_LAYER``, the last block, ``combine="cls"``: each patch's share of the CLS
+  token's attention output through ``ln_post`` frozen at the CLS token and ``proj``, dotted with the
+  query's normalised text embedding), and a multi-positive cross-entropy over the patches pulls its peak
+  onto the objects the query names (``map_loss``: ``-log sum_p c_p softmax_p(z / T)``, ``z`` the map
+  standardised over the patches, ``c_p`` the share of patch p that matching objects' visible pixels
+  cover; matching: the query's colour, shape and canvas cell, both objects of a pair query). So that
+  block's map is *trained* to point; the held-out curves report pointing per reference kind with or
+  without the loss.
 
 * Optional SigLIP-style variant (``--loss sigmoid --pool attention --aux-weight 0``): SigLIP's pairwise
   sigmoid loss with a learned bias (every (image, text) pair is a binary problem, positive where the
   text describes the image by the same multi-positive mask), and open_clip's attention-pool head
   (``CLIPVisionCfg(attentional_pool=True)``: one learned probe attends over all final tokens, then
   ``ln_post`` and ``proj``; no MLP, so API decomposes the pooled embedding exactly). The pooled head has
-  no CLS token after a block to supervise, so deep supervision is refused with it; the probe's map is
-  read from the final tokens, which the loss trains directly. The bias is a parameter of the loss, not
-  of the model: it is saved in ``config.json``'s metadata (``logit_bias``).
+  no CLS token after a block to supervise, so deep supervision and the map loss are refused with it; the
+  probe's map is read from the final tokens, which the loss trains directly. The bias is a parameter of
+  the loss, not of the model: it is saved in ``config.json``'s metadata (``logit_bias``).
 
 * Optional second stage (``--init DIR``): start from a saved demo CLIP, with its positional
   embeddings resized (open_clip's ``resize_pos_embed``) when ``--image-size`` differs, so a model
   trained at 224 px can be refined at a finer patch grid. A model saved with a smaller vocabulary (before
   the reference kinds' words) starts with its token embeddings mapped by BPE id; new words start random.
 
-It prints its curves (loss, held-out caption-to-image top-1 among 100, image-to-caption top-1, and the
-binding accuracy: the true caption outscoring its hard negative) and writes ``model.safetensors`` and
-``config.json``. Seeded; runs on CPU too (slowly): ``--device cpu --steps 20 --batch 32 --workers 0``.
+It prints its curves (loss and, with ``--map-weight``, the map loss; held-out caption-to-image top-1 among
+100, image-to-caption top-1, the binding accuracy: the true caption outscoring its hard negative, and
+pointing: how often the argmax of the attributor's grid-level mask for a reference query of each kind lies
+on a patch showing one of its targets) and writes ``model.safetensors`` and ``config.json``. Seeded; runs
+on CPU too (slowly): ``--device cpu --steps 20 --batch 32 --workers 0``.
 
 Example:
     python -m training.train_clip --steps 7000 --batch 512 --max-seconds 450 --out /tmp/clip224
@@ -55,7 +68,7 @@ depends on the machine's speed, so a rerun elsewhere draws the same data but not
 A third stage on the reference kinds' queries (``.device/train_clip.sh`` runs it and the per-kind pointing
 benchmark; not shipped yet, see ``benchmarks/demo_clip_quality.py --kinds``):
     python -m training.train_clip --init api_tool/demo/weights/clip --image-size 288 --lr 3e-4 --warmup 200 \
-        --steps 9000 --max-seconds 240 --workers 14 --out /tmp/clip_refs
+        --steps 9000 --max-seconds 240 --workers 14 --map-weight 1.0 --out /tmp/clip_refs
 """
 
 from __future__ import annotations
@@ -74,9 +87,14 @@ import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from api_tool.backends.batched_maps import combine_maps_batched
+from api_tool.backends.psi import FrozenLayerNorm, pooled_query_terms, residual_share
+from api_tool.backends.towers import tower_for
+from api_tool.backends.towers.base import ClsPooling
 from api_tool.demo.clip_model import (
     CONFIG_FILE,
     DEMO_CLIP_ARCHITECTURE,
+    DEMO_CLIP_RECOMMENDED,
     FIRST_WORD_ID,
     OPENAI_MEAN,
     OPENAI_STD,
@@ -143,7 +161,8 @@ class TrainConfig:
     ``image_size`` overrides the architecture's input side (a multiple of the patch size); ``init`` is
     a demo CLIP folder to start from (empty: random initialisation). ``loss`` is ``"contrastive"`` or
     ``"sigmoid"`` (SigLIP's), ``pool`` is ``"token"`` (CLS) or ``"attention"`` (attention-pool head, which
-    needs ``aux_weight`` 0).
+    needs ``aux_weight`` and ``map_weight`` 0). ``map_weight`` > 0 adds the map loss (``map_loss``, at
+    ``MAP_LAYER``) with that weight; ``map_temperature`` divides its standardised maps.
     """
 
     steps: int = 6000
@@ -166,6 +185,8 @@ class TrainConfig:
     out: str = "api_tool/demo/weights/clip"
     loss: str = "contrastive"
     pool: str = "token"
+    map_weight: float = 0.0
+    map_temperature: float = 0.5
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -177,6 +198,13 @@ class TrainConfig:
                 "deep supervision reads the CLS token after a block, which the attention-pool head does not pool; "
                 "pass --aux-weight 0 with --pool attention"
             )
+        if self.pool == "attention" and self.map_weight > 0:
+            raise InvalidParameterError(
+                "the map loss trains the CLS token's attention row, which the attention-pool head does not have; "
+                "pass --map-weight 0 with --pool attention"
+            )
+        if self.map_temperature <= 0:
+            raise InvalidParameterError(f"map_temperature must be positive, got {self.map_temperature}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,8 +319,10 @@ class SceneTextStream(IterableDataset):
 
 def render_inputs(
     layouts: Layouts, side: int, generator: torch.Generator | None, device: torch.device, blur_probability: float = 0.0
-) -> torch.Tensor:
-    """Letterboxed, normalised model inputs ``(n, 3, side, side)`` for the layouts."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Letterboxed, normalised model inputs ``(n, 3, side, side)`` for the layouts, and which object slot
+    each input pixel shows ``(n, side, side)`` (``Rendered.labels``: 0 background and padding, ``k + 1``
+    where slot k is visible)."""
     rendered = render_layouts(
         layouts,
         (side, side),
@@ -308,7 +338,7 @@ def render_inputs(
         pixels = torch.where(chosen[:, None, None, None], blurred, pixels)
     mean = torch.tensor(OPENAI_MEAN, device=device)[None, :, None, None]
     std = torch.tensor(OPENAI_STD, device=device)[None, :, None, None]
-    return (pixels - mean) / std
+    return (pixels - mean) / std, rendered.labels
 
 
 def object_regions(layouts: Layouts) -> torch.Tensor:
@@ -381,6 +411,150 @@ def sigmoid_loss(
         return -F.logsigmoid(signs * logits).sum() / image.shape[0]
 
 
+# ----------------------------------------------------------------------------------------------
+# The map loss: the attributor's raw map, trained to point at the queried objects.
+# ----------------------------------------------------------------------------------------------
+
+MAP_LAYER: int = DEMO_CLIP_RECOMMENDED["layer"]
+"""The block whose map ``ClipAttributor`` reads for the demo CLIP by default (``DEMO_CLIP_RECOMMENDED``: the
+last block, ``combine="cls"``, so Psi_cls alone makes the mask): the block ``--map-weight`` trains."""
+MAP_KERNEL_SIZE = 3
+"""``ClipAttributor``'s default box filter, for the held-out pointing (the grid-level mask)."""
+
+
+def matching_slots(layouts: Layouts, atoms: torch.Tensor) -> torch.Tensor:
+    """``(n, K)`` boolean: the object slots of scene i its query names, given the query's two atoms
+    ``atoms[i]`` (``(n, 2, 3)``, see ``TextBatch``): a slot is named when its colour, shape and canvas cell
+    fit one of the atoms (a wildcard fits anything); an atom of wildcards only (``ANY_OBJECT``, a
+    one-object query's second atom) names no object, so a pair query names the union of its two objects.
+    """
+    colour, shape, region = (atoms[..., i, None] for i in range(3))  # (n, 2, 1) each
+    fits = (
+        ((colour == WILD_COLOUR) | (colour == layouts.colour[:, None]))
+        & ((shape == WILD_SHAPE) | (shape == layouts.shape[:, None]))
+        & ((region == WILD_REGION) | (region == object_regions(layouts)[:, None]))
+    )  # (n, 2, K)
+    names_something = (atoms != torch.tensor(ANY_OBJECT, device=atoms.device)).any(dim=-1)  # (n, 2)
+    return (fits & names_something[..., None]).any(dim=1) & layouts.valid
+
+
+def patch_coverage(labels: torch.Tensor, slots: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(n, P)``: the share of each ``patch x patch`` patch (row-major) whose pixels show one of the slots
+    ``slots`` ``(n, K)`` picks, from the rendered labels ``(n, H, W)`` (visible pixels: an occluded part
+    does not count).
+
+    Example:
+        >>> labels = torch.zeros(1, 4, 4, dtype=torch.long); labels[0, :2, :1] = 1; labels[0, 3, 3] = 2
+        >>> patch_coverage(labels, torch.tensor([[True, False]]), 2)[0].tolist()
+        [0.5, 0.0, 0.0, 0.0]
+    """
+    n = labels.shape[0]
+    picked = torch.cat([slots.new_zeros(n, 1), slots], dim=1).float()  # label 0: background
+    shown = picked.gather(1, labels.reshape(n, -1)).view(n, 1, *labels.shape[1:])
+    return F.avg_pool2d(shown, patch).flatten(1)
+
+
+class PatchMaps:
+    """The raw map ``ClipAttributor`` reads (``AttributionMap.raw``, Psi_cls) at block ``layer``, computed
+    with gradients from the model's own image forward.
+
+    Each patch's term is its share of the CLS token's attention output in that block (``pooled_query_terms``,
+    times the block's layer scale), through ``ln_post`` frozen at the final CLS token with its mean and bias
+    split over ``(2 L - 1) N`` parts and through ``proj``; the map is the terms dotted with the normalised
+    text and divided by the image embedding's norm: ``VisionTower._decompose_cls`` and ``ClipAttributor``
+    with the same ``api_tool.backends.psi`` pieces (``test_train_clip_map_loss`` checks the two agree).
+    Forward pre-hooks keep the inputs of the block and of ``ln_post`` during each image forward; a call
+    reads (and forgets) the latest.
+    """
+
+    def __init__(self, model: torch.nn.Module, layer: int = MAP_LAYER) -> None:
+        self.tower = tower_for(model)
+        if not isinstance(self.tower.pooling, ClsPooling):
+            raise InvalidParameterError("the map loss reads a CLS token's attention row; this tower pools otherwise")
+        self.pooling: ClsPooling = self.tower.pooling
+        self.block = self.tower.blocks[layer]
+        self.block_input: torch.Tensor | None = None
+        self.final: torch.Tensor | None = None
+        self.handles = [
+            self.block.register_forward_pre_hook(self._keep_block_input),
+            self.pooling.final_norm.register_forward_pre_hook(self._keep_final),
+        ]
+
+    def _keep_block_input(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.block_input = args[0]
+
+    def _keep_final(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.final = args[0]
+
+    def __call__(self, embedding: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``(B, P)`` float32: image i's map for text i, patches row-major, from the latest image forward
+        (``embedding``: its unnormalised image embeddings ``(B, E)``; ``text``: normalised ``(B, E)``). The
+        attention row runs under the caller's autocast; the readout (norm, ``proj``, text) in float32."""
+        block_input, final = self.block_input, self.final
+        assert block_input is not None and final is not None, "no image forward since the last map"
+        self.block_input = self.final = None
+        tower = self.tower
+        x_ln = tower.block_norm(self.block)(block_input)
+        contributions = pooled_query_terms(x_ln[:, 0], x_ln, tower.block_attention(self.block))
+        scale = tower.layer_scale(self.block)
+        with torch.autocast(block_input.device.type, enabled=False):
+            contributions = contributions.float() * (scale.float() if scale is not None else 1.0)
+            cls_final = (final[:, 0] if final.dim() == 3 else final)[:, None].float()
+            norm = FrozenLayerNorm.at(cls_final, self.pooling.final_norm).to(torch.float32)
+            share = residual_share(len(tower.blocks)) * block_input.shape[1]
+            head = self.pooling.head.to(torch.float32, block_input.device)
+            terms = head(norm(contributions[:, tower.prefix_tokens :], share), share)  # (B, P, E)
+            maps = torch.einsum("bpe,be->bp", terms, text.float())
+            return maps / embedding.float().norm(dim=-1, keepdim=True)
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for handle in self.handles:
+            handle.remove()
+
+
+def map_loss(maps: torch.Tensor, coverage: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Multi-positive cross-entropy over the patches, pulling each map's peak into its objects.
+
+    ``-log sum_p c_p softmax_p(z / temperature)`` per map, with ``z`` the raw map ``maps`` ``(Q, P)``
+    standardised over its patches (zero mean, unit standard deviation) and ``c_p`` the share of patch p the
+    query's objects cover (``coverage`` ``(Q, P)``, in [0, 1]); the mean over the maps whose objects cover
+    some patch (0 if none), in float32.
+
+    Why this form: the attributor min-max normalises each map, so only its shape counts; standardising
+    makes the loss blind to the same per-map offsets and scales (a larger map cannot lower it), with a
+    gradient on every patch (min and max would give it to two). Pointing wants the peak inside *one* of
+    the objects, so the softmax mass may sit anywhere on them (``-log sum_{covered} softmax``) instead of
+    being spread over all their patches as a cross-entropy against the normalised coverage would demand
+    (which fights a sharp peak on large objects and on pair queries' two objects); weighting each patch by
+    its coverage makes a patch an object barely touches count little.
+    """
+    with torch.autocast(maps.device.type, enabled=False):
+        maps, coverage = maps.float(), coverage.float()
+        covered = coverage.sum(dim=1) > 0
+        weights = torch.where(covered[:, None], coverage, torch.ones_like(coverage))  # no -inf rows
+        centred = maps - maps.mean(dim=1, keepdim=True)
+        z = centred / centred.square().mean(dim=1, keepdim=True).sqrt().clamp(min=1e-12)
+        log_p = torch.log_softmax(z / temperature, dim=1)
+        per_map = -torch.logsumexp(log_p + weights.log(), dim=1)
+        return (per_map * covered).sum() / covered.sum().clamp(min=1)
+
+
+def pointing_hits(maps: torch.Tensor, coverage: torch.Tensor, grid: int) -> torch.Tensor:
+    """``(Q,)`` boolean: the argmax of the attributor's grid-level mask (the raw maps ``(Q, grid * grid)``
+    min-max normalised, enhanced and box-filtered as ``DEMO_CLIP_RECOMMENDED`` says) falls on a patch that
+    shows one of the query's objects (``coverage`` ``(Q, P)`` > 0)."""
+    mask = combine_maps_batched(
+        maps.float().view(-1, grid, grid),
+        None,
+        combine=DEMO_CLIP_RECOMMENDED["combine"],
+        enhance_coe=DEMO_CLIP_RECOMMENDED["enhance_coe"],
+        kernel_size=MAP_KERNEL_SIZE,
+    )
+    best = mask.flatten(1).argmax(dim=1)
+    return coverage.gather(1, best[:, None])[:, 0] > 0
+
+
 class ClsAfterBlock:
     """Captures the CLS token after one visual block (forward hook)."""
 
@@ -399,33 +573,79 @@ class ClsAfterBlock:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """A fixed held-out set: inputs, caption tokens and hard-negative tokens."""
+    """A fixed held-out set: inputs, caption tokens and hard-negative tokens; one reference query per scene
+    (``query_kinds``: its index in ``REFERENCE_KINDS``, -1 where the scene has none of that kind) and the
+    share of each patch its target objects cover ``(count, P)``."""
 
     inputs: torch.Tensor
     captions: torch.Tensor
     negatives: torch.Tensor
+    queries: torch.Tensor
+    query_kinds: torch.Tensor
+    coverage: torch.Tensor
+
+
+def held_out_queries(layouts: Layouts, rng: random.Random) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Scene i's query of reference kind ``REFERENCE_KINDS[i % 6]`` (``reference_query``), its kind's index
+    (-1 and an empty text where the scene has none) and its targets as object slots ``(n, K)`` (for
+    relations, the anchor and the related object, as the per-kind benchmark scores)."""
+    texts, kinds = [], []
+    targets = torch.zeros_like(layouts.valid)
+    for i, (objects, aspect) in enumerate(zip(layouts.facts(), layouts.aspect.tolist())):
+        canvas = (aspect, 1.0) if aspect >= 1.0 else (1.0, 1.0 / aspect)
+        kind = i % len(REFERENCE_KINDS)
+        reference = reference_query(objects, REFERENCE_KINDS[kind], rng, canvas)
+        texts.append(reference.text if reference is not None else "")
+        kinds.append(kind if reference is not None else -1)
+        if reference is not None:
+            slots = layouts.valid[i].nonzero()[:, 0]
+            targets[i, slots[list(reference.targets)]] = True
+    return texts, torch.tensor(kinds), targets
 
 
 def make_held_out(count: int, seed: int, side: int, tokenize: CompactTokenizer, device: torch.device) -> HeldOut:
-    """``count`` scenes from a stream disjoint from training (its own seed), with captions."""
+    """``count`` scenes from a stream disjoint from training (its own seed), with captions and reference
+    queries (drawn after the captions from their own stream, so the captions do not depend on them)."""
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     layouts = sample_layouts(count, generator)
     scenes = layouts.facts()
     captions = [describe(objects, rng) or "" for objects in scenes]
     negatives = [hard_negative_caption(objects, rng) for objects in scenes]
+    queries, kinds, targets = held_out_queries(layouts, random.Random(seed + 1))
     noise = torch.Generator(device=device).manual_seed(seed)
-    inputs = torch.cat(
-        [render_inputs(layouts.select(slice(i, i + 250)), side, noise, device) for i in range(0, count, 250)]
+    patch = DEMO_CLIP_ARCHITECTURE["vision_cfg"]["patch_size"]
+    inputs, coverage = [], []
+    for i in range(0, count, 250):
+        chunk, labels = render_inputs(layouts.select(slice(i, i + 250)), side, noise, device)
+        inputs.append(chunk)
+        coverage.append(patch_coverage(labels, targets[i : i + 250].to(device), patch))
+    return HeldOut(
+        torch.cat(inputs),
+        tokenize(captions).to(device),
+        tokenize(negatives).to(device),
+        tokenize(queries).to(device),
+        kinds.to(device),
+        torch.cat(coverage),
     )
-    return HeldOut(inputs, tokenize(captions).to(device), tokenize(negatives).to(device))
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, held_out: HeldOut, group: int = 100) -> dict[str, float]:
-    """Caption-to-image and image-to-caption top-1 among ``group``, and binding accuracy."""
+def evaluate(
+    model: torch.nn.Module, held_out: HeldOut, patch_maps: PatchMaps | None = None, group: int = 100
+) -> dict[str, float]:
+    """Caption-to-image and image-to-caption top-1 among ``group``, and binding accuracy; with
+    ``patch_maps``, pointing (``pointing_hits``) of the held-out reference queries, overall and per kind."""
     model.eval()
-    images = torch.cat([model.encode_image(chunk, normalize=True) for chunk in held_out.inputs.split(250)])
+    image_parts, hits = [], []
+    query_texts = model.encode_text(held_out.queries, normalize=True)
+    for chunk, text, coverage in zip(held_out.inputs.split(250), query_texts.split(250), held_out.coverage.split(250)):
+        embedding = model.encode_image(chunk)
+        image_parts.append(F.normalize(embedding, dim=-1))
+        if patch_maps is not None:
+            grid = round(math.sqrt(coverage.shape[1]))
+            hits.append(pointing_hits(patch_maps(embedding, text), coverage, grid))
+    images = torch.cat(image_parts)
     captions = model.encode_text(held_out.captions, normalize=True)
     negatives = model.encode_text(held_out.negatives, normalize=True)
     text_hits = image_hits = 0
@@ -439,7 +659,13 @@ def evaluate(model: torch.nn.Module, held_out: HeldOut, group: int = 100) -> dic
     binding = ((images * captions).sum(-1) > (images * negatives).sum(-1)).float().mean()
     model.train()
     total = groups * group
-    return {"t2i_top1": text_hits / total, "i2t_top1": image_hits / total, "binding": float(binding)}
+    metrics = {"t2i_top1": text_hits / total, "i2t_top1": image_hits / total, "binding": float(binding)}
+    if patch_maps is not None:
+        hit, kinds = torch.cat(hits), held_out.query_kinds
+        metrics["pointing"] = float(hit[kinds >= 0].float().mean())
+        for index, kind in enumerate(REFERENCE_KINDS):
+            metrics[f"point_{kind}"] = float(hit[kinds == index].float().mean())
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,6 +783,9 @@ def train(config: TrainConfig) -> dict[str, float]:
     noise = torch.Generator(device=device).manual_seed(config.seed)
     blocks = model.visual.transformer.resblocks
     aux = ClsAfterBlock(blocks[config.aux_layer]) if config.aux_weight > 0 else None
+    patch_maps = PatchMaps(model) if config.pool == "token" else None
+    patch = architecture["vision_cfg"]["patch_size"]
+    map_value: torch.Tensor | None = None
     use_amp = device.type == "cuda"
     started = time.time()
     metrics: dict[str, float] = {}
@@ -570,10 +799,13 @@ def train(config: TrainConfig) -> dict[str, float]:
             group["lr"] = lr
         tokens = texts.tokens.to(device, non_blocking=True)
         text_batch = TextBatch(tokens, texts.kinds.to(device), texts.atoms.to(device))
-        inputs = render_inputs(layouts, config.image_size, noise, device, config.blur_probability)
-        positive = positives(layouts.to(device), text_batch)
+        inputs, labels = render_inputs(layouts, config.image_size, noise, device, config.blur_probability)
+        on_device = layouts.to(device)
+        positive = positives(on_device, text_batch)
+        n = layouts.size
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            image = model.encode_image(inputs, normalize=True)
+            embedding = model.encode_image(inputs)
+            image = F.normalize(embedding, dim=-1)
             text = model.encode_text(tokens, normalize=True)
             scale = model.logit_scale.exp()
             if sigmoid:
@@ -584,6 +816,12 @@ def train(config: TrainConfig) -> dict[str, float]:
                 assert aux.value is not None
                 aux_image = F.normalize(model.visual.ln_post(aux.value) @ model.visual.proj, dim=-1)
                 loss = loss + config.aux_weight * contrastive_loss(aux_image, text, scale, positive)
+            if config.map_weight > 0:
+                assert patch_maps is not None
+                queries = slice(2 * n, 3 * n)  # text i of the query block is image i's own query
+                coverage = patch_coverage(labels, matching_slots(on_device, text_batch.atoms[queries]), patch)
+                map_value = map_loss(patch_maps(embedding, text[queries]), coverage, config.map_temperature)
+                loss = loss + config.map_weight * map_value
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -593,16 +831,18 @@ def train(config: TrainConfig) -> dict[str, float]:
         if step % config.log_every == 0:
             elapsed = time.time() - started
             bias_text = f"  bias {float(logit_bias.detach()):6.2f}" if sigmoid else ""
+            map_text = f"  map {float(map_value.detach()):.4f}" if map_value is not None else ""
             print(
-                f"step {step:6d}  loss {float(loss.detach()):.4f}  scale {float(scale.detach()):6.2f}{bias_text}  "
+                f"step {step:6d}  loss {float(loss.detach()):.4f}{map_text}  scale {float(scale.detach()):6.2f}"
+                f"{bias_text}  "
                 f"lr {lr:.2e}  {(step + 1) * config.batch / max(elapsed, 1e-9):7.0f} img/s  {elapsed:6.0f}s",
                 flush=True,
             )
         if (step + 1) % config.eval_every == 0:
-            metrics = evaluate(model, held_out)
+            metrics = evaluate(model, held_out, patch_maps)
             print(f"eval step {step + 1:6d}  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
     model.eval()
-    metrics = evaluate(model, held_out)
+    metrics = evaluate(model, held_out, patch_maps)
     metrics["train_seconds"] = time.time() - started
     metrics["steps"] = step
     out = save_demo_clip(
