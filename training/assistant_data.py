@@ -65,11 +65,11 @@ from api_tool.tool import TOOL_NAME, AttentionPromptTool
 
 EPISODE_KINDS: tuple[str, ...] = ("plain", "agent_detail", "agent_whole", "verify", "masked", "masked_hint", "zoom")
 KIND_WEIGHTS: dict[str, float] = {
-    "plain": 0.2,
+    "plain": 0.14,
     "agent_detail": 0.26,
     "agent_whole": 0.1,
-    "verify": 0.16,
-    "masked": 0.06,
+    "verify": 0.2,
+    "masked": 0.08,
     "masked_hint": 0.04,
     "zoom": 0.18,
 }

@@ -60,13 +60,16 @@ whether the call passes the user's question), the answer after the tool's result
 machine's speed). Runs on CPU too (slowly; evaluation generates): ``--device cpu --steps 3 --batch 4
 --turns 2 --episodes 6 --workers 0 --eval-scenes 8 --eval-episodes 4`` with a small model.
 
-The shipped weights came from ``python -m training.train_llava --time-budget 320 --steps 1000000
---eval-every 1000 --log-every 100 --eval-episodes 200`` (otherwise the defaults; ``.device/train_llava.sh``)
-on one H200: 2,380 steps of 128 scenes x 6 plain questions plus 96 assistant episodes in 320 s (380 s
-with start-up and evaluations), the vision tower trained from scratch. Final held-out numbers are in
-``training.json`` (rebuilt from the printed log for the shipped copy). The defaults (``--steps 2800``,
-no time budget) run the same recipe on a step-count schedule; the data stream is seeded per worker, so it is the same
-for a given ``--workers`` (GPU kernels may still differ in the last bits from run to run).
+The shipped weights came from two runs on one H200 (``.device/train_llava.sh``; otherwise the defaults):
+``python -m training.train_llava --time-budget 320 --steps 1000000 --eval-every 1000 --log-every 100
+--eval-episodes 200`` (2,380 steps from scratch, with the episode mix of that time: plain 0.2, verify 0.16,
+masked 0.06), then ``--init`` that folder with today's mix, ``--lr 1e-3 --warmup 100 --time-budget 430
+--eval-every 1500`` (3,143 more steps in 430 s). Each step is 128 scenes x 6 plain questions plus 96
+assistant episodes. Final held-out numbers are in ``training.json``, which also keeps the first run's
+config and numbers under ``init``. The defaults (``--steps 2800``, no time budget) run the same recipe on a
+step-count schedule; the data stream is seeded per worker, so it is the same for a given ``--workers`` (GPU
+kernels may still differ in the last bits from run to run). ``--init DIR`` continues a saved demo LLaVA of
+the same sizes and vocabulary (else ``InvalidParameterError``).
 
 Example:
     python -m training.train_llava --out api_tool/demo/weights/llava
@@ -102,6 +105,7 @@ from api_tool.demo.scenes import (
     sample_layouts,
 )
 from api_tool.demo.tiny_llava import DEMO_LLAVA_DIR, build_tiny_llava, build_tiny_llava_processor, save_tiny_llava
+from api_tool.errors import InvalidParameterError
 from training.assistant_batches import (
     EpisodeBatch,
     EpisodeStream,
@@ -539,6 +543,7 @@ class TrainConfig:
     eval_every: int = 500
     log_every: int = 50
     time_budget: float = 0.0
+    init: str = ""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     out: str = str(DEMO_LLAVA_DIR)
 
@@ -682,6 +687,29 @@ def build_model(config: TrainConfig) -> tuple[LlavaForConditionalGeneration, Lla
     return model, processor
 
 
+INIT_RECORD_KEYS = ("train_config", "steps_run", "held_out", "init")
+"""What ``training.json`` keeps of the model a run continued from (its own ``init`` too: the chain of runs)."""
+
+
+def load_initial_weights(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, directory: str
+) -> dict[str, Any]:
+    """Copy a saved demo LLaVA's weights into ``model`` (same sizes and vocabulary, else
+    ``InvalidParameterError``) and return its ``training.json`` record (empty when absent)."""
+    saved = LlavaProcessor.from_pretrained(directory)
+    if saved.tokenizer.get_vocab() != processor.tokenizer.get_vocab():
+        raise InvalidParameterError(
+            f"{directory}: its tokenizer differs from this recipe's vocabulary; train from scratch"
+        )
+    try:
+        source = LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+        model.load_state_dict(source.state_dict())
+    except (RuntimeError, ValueError) as error:
+        raise InvalidParameterError(f"{directory}: its model does not match this recipe's sizes ({error})") from error
+    record_path = Path(directory) / "training.json"
+    return json.loads(record_path.read_text()) if record_path.is_file() else {}
+
+
 def save_demo_llava(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -732,6 +760,7 @@ def train(config: TrainConfig) -> dict[str, float]:
         eos_id=encoder.eos_id,
         yes_id=int(processor.tokenizer.convert_tokens_to_ids("yes")),
     )
+    init_record = load_initial_weights(model, processor, config.init) if config.init else None
     model.to(device).train()
     params = sum(p.numel() for p in model.parameters())
     print(f"params: {params:,}; vocab {len(processor.tokenizer)}; grid {grid}x{grid}; {asdict(config)}", flush=True)
@@ -850,7 +879,12 @@ def train(config: TrainConfig) -> dict[str, float]:
         "parameters": params,
         "held_out": metrics,
         "curves": curves,
-        "vision_tower_init": "random (trained from scratch)",
+        "vision_tower_init": f"continued from {config.init}" if config.init else "random (trained from scratch)",
+        **(
+            {"init": {key: init_record.get(key) for key in ("train_config", "steps_run", "held_out")}}
+            if init_record
+            else {}
+        ),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
