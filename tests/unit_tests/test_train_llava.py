@@ -6,6 +6,7 @@ Tiny random-weight models (8 x 8 image grid); no weights, no network.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 
 from api_tool.backends.llava import LlavaAttributor
 from api_tool.demo.scenes import POPE_SPLITS, generate_scene, sample_layouts
+from api_tool.errors import InvalidParameterError
 from api_tool.geometry import Letterbox
 from tests.tolerances import assert_sums_close
 from training.llava_questions import location_answer
@@ -29,9 +31,11 @@ from training.train_llava import (
     drop_hidden,
     exact_match,
     grounding_loss,
+    load_initial_weights,
     make_batch,
     patch_coverage,
     render_pixels,
+    save_demo_llava,
     step_maps,
 )
 
@@ -190,3 +194,20 @@ def test_fast_render_matches_the_attributor_input_of_generate_scene(
     content = (fast[0][:, 16:48] - slow_pixels[:, 16:48]).abs().mean()
     mirrored = (fast[0].flip(-1)[:, 16:48] - slow_pixels[:, 16:48]).abs().mean()
     assert float(content) < 0.03 < float(mirrored)
+
+
+def test_init_continues_a_saved_model_and_refuses_other_sizes(
+    tiny: tuple[torch.nn.Module, object, PromptEncoder], tmp_path: Path
+) -> None:
+    model, processor, _ = tiny
+    saved = save_demo_llava(model, processor, tmp_path / "saved", {"steps_run": 7}, attribution_layer=1)
+    sizes = {"device": "cpu", "side": SIDE, "patch": PATCH, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2}
+    fresh, fresh_processor = build_model(TrainConfig(**sizes, hidden=64, layers=2, seed=1))
+    record = load_initial_weights(fresh, fresh_processor, str(saved))
+    assert record["steps_run"] == 7
+    for name, value in model.state_dict().items():
+        # The saved copy is float16: each weight is the float32 one rounded once.
+        torch.testing.assert_close(fresh.state_dict()[name], value.half().float(), rtol=0, atol=0)
+    wider, wider_processor = build_model(TrainConfig(**sizes, hidden=96, layers=2))
+    with pytest.raises(InvalidParameterError, match="does not match"):
+        load_initial_weights(wider, wider_processor, str(saved))
