@@ -3,7 +3,7 @@ really send, rendered by ``ChatTransformersVLM``'s own code, and the images they
 
 An *episode* is one training sequence: LangChain messages built exactly as ``create_api_agent`` (system
 prompt, bound ``attention_prompt`` tool, the tool's result message) or the reflection loop's re-asks
-(``verify``, ``masked``, ``masked_hint``, ``zoom``) build them, the assistant replies to learn, and the
+(``verify``, ``masked``, ``masked_hint``, ``zoom``, ``iterative``) build them, the assistant replies to learn, and the
 images shown, each a *view* of a synthetic scene: the original, an annotated copy (gray or heatmap
 prompt made from the ground-truth masks, sometimes on the wrong object or diffuse) or a crop window
 (sometimes missing the target). ``ChatTransformersVLM.to_conversation`` and ``render_prompt`` turn the
@@ -21,6 +21,8 @@ Kinds (``EPISODE_KINDS``):
   ``WRONG_FIRST_ANSWER`` of the time: a short judgement and ``FINAL: <right answer>``.
 * ``masked`` / ``masked_hint``: the annotated image alone (a correct annotation) and the question.
 * ``zoom``: the original and a crop of the asked-about region, then the question.
+* ``iterative``: the original alone and ``ITERATIVE_TEMPLATE`` (the loop's control, a second look without
+  annotation) with a first answer wrong ``WRONG_FIRST_ANSWER`` of the time: the right answer.
 
 Example:
     >>> from training.assistant_data import verify_reply
@@ -63,20 +65,30 @@ from api_tool.demo.scenes import (
 )
 from api_tool.tool import TOOL_NAME, AttentionPromptTool
 
-EPISODE_KINDS: tuple[str, ...] = ("plain", "agent_detail", "agent_whole", "verify", "masked", "masked_hint", "zoom")
+EPISODE_KINDS: tuple[str, ...] = (
+    "plain",
+    "agent_detail",
+    "agent_whole",
+    "verify",
+    "masked",
+    "masked_hint",
+    "zoom",
+    "iterative",
+)
 KIND_WEIGHTS: dict[str, float] = {
-    "plain": 0.14,
-    "agent_detail": 0.26,
+    "plain": 0.12,
+    "agent_detail": 0.24,
     "agent_whole": 0.1,
     "verify": 0.2,
     "masked": 0.08,
     "masked_hint": 0.04,
-    "zoom": 0.18,
+    "zoom": 0.16,
+    "iterative": 0.06,
 }
 VIEW_KINDS: tuple[str, ...] = ("original", "annotated", "crop")
 STYLES: tuple[str, ...] = ("gray", "heatmap")
 WRONG_FIRST_ANSWER = 0.4
-"""Share of ``verify`` episodes whose first answer is wrong (the reply must then correct it)."""
+"""Share of ``verify`` and ``iterative`` episodes whose first answer is wrong (the reply must then correct it)."""
 WRONG_ANNOTATION = 0.15
 """Share of annotations (two-image and agent episodes) that highlight another object than the asked one."""
 DIFFUSE_ANNOTATION = 0.1
@@ -273,7 +285,7 @@ def make_episode(
         )
     strategy = STRATEGIES[kind]
     first = truth
-    if kind == "verify" and rng.random() < WRONG_FIRST_ANSWER:
+    if kind in ("verify", "iterative") and rng.random() < WRONG_FIRST_ANSWER:
         first = plausible_wrong_answer(truth, rng) or truth
     views = []
     for role in strategy.images:

@@ -60,13 +60,14 @@ whether the call passes the user's question), the answer after the tool's result
 machine's speed). Runs on CPU too (slowly; evaluation generates): ``--device cpu --steps 3 --batch 4
 --turns 2 --episodes 6 --workers 0 --eval-scenes 8 --eval-episodes 4`` with a small model.
 
-The shipped weights came from two runs on one H200 (``.device/train_llava.sh``; otherwise the defaults):
+The shipped weights came from three runs on one H200 (``.device/train_llava.sh``; otherwise the defaults):
 ``python -m training.train_llava --time-budget 320 --steps 1000000 --eval-every 1000 --log-every 100
 --eval-episodes 200`` (2,380 steps from scratch, with the episode mix of that time: plain 0.2, verify 0.16,
-masked 0.06), then ``--init`` that folder with today's mix, ``--lr 1e-3 --warmup 100 --time-budget 430
---eval-every 1500`` (3,143 more steps in 430 s). Each step is 128 scenes x 6 plain questions plus 96
+masked 0.06, no iterative), then ``--init`` that folder with more verify and masked episodes, ``--lr 1e-3
+--warmup 100 --time-budget 430 --eval-every 1500`` (3,143 steps), then ``--init`` again with today's mix
+(``iterative`` added), ``--lr 5e-4 --warmup 50 --time-budget 240`` (1,657 steps). Each step is 128 scenes x 6 plain questions plus 96
 assistant episodes. Final held-out numbers are in ``training.json``, which also keeps the first run's
-config and numbers under ``init``. The defaults (``--steps 2800``, no time budget) run the same recipe on a
+configs and numbers, each under the next one's ``init``. The defaults (``--steps 2800``, no time budget) run the same recipe on a
 step-count schedule; the data stream is seeded per worker, so it is the same for a given ``--workers`` (GPU
 kernels may still differ in the last bits from run to run). ``--init DIR`` continues a saved demo LLaVA of
 the same sizes and vocabulary (else ``InvalidParameterError``).
