@@ -65,12 +65,12 @@ The shipped weights came from three runs on one H200 (``.device/train_llava.sh``
 --eval-episodes 200`` (2,380 steps from scratch, with the episode mix of that time: plain 0.2, verify 0.16,
 masked 0.06, no iterative), then ``--init`` that folder with more verify and masked episodes, ``--lr 1e-3
 --warmup 100 --time-budget 430 --eval-every 1500`` (3,143 steps), then ``--init`` again with today's mix
-(``iterative`` added), ``--lr 5e-4 --warmup 50 --time-budget 240`` (1,657 steps). Each step is 128 scenes x 6 plain questions plus 96
-assistant episodes. Final held-out numbers are in ``training.json``, which also keeps the first run's
-configs and numbers, each under the next one's ``init``. The defaults (``--steps 2800``, no time budget) run the same recipe on a
-step-count schedule; the data stream is seeded per worker, so it is the same for a given ``--workers`` (GPU
-kernels may still differ in the last bits from run to run). ``--init DIR`` continues a saved demo LLaVA of
-the same sizes and vocabulary (else ``InvalidParameterError``).
+(``iterative`` added), ``--lr 5e-4 --warmup 50 --time-budget 240`` (1,657 steps). Each step is 128 scenes x 6
+plain questions plus 96 assistant episodes. Final held-out numbers are in ``training.json``, which also keeps
+the earlier runs' configs and numbers, each under the next one's ``init``. The defaults (``--steps 2800``, no
+time budget) run the same recipe on a step-count schedule; the data stream is seeded per worker, so it is the
+same for a given ``--workers`` (GPU kernels may still differ in the last bits from run to run). ``--init DIR``
+continues a saved demo LLaVA of the same sizes and vocabulary (else ``InvalidParameterError``).
 
 Example:
     python -m training.train_llava --out api_tool/demo/weights/llava
