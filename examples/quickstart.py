@@ -37,7 +37,7 @@ from api_tool.backends.base import Attributor
 from api_tool.demo.scenes import generate_scene, name_of, with_article
 from api_tool.images import encode_image
 
-SMALL_ITEM = "small-7600004-2"
+SMALL_ITEM = "small-7600000-2"
 
 
 def main() -> None:
@@ -50,9 +50,8 @@ def main() -> None:
     parser.add_argument("--target", default="demo", help="'demo' or a local LLaVA directory")
     parser.add_argument(
         "--strategy",
-        default="masked",
-        help="masked (the paper's; default: the demo assistant's verify is near chance on yes/no, see the README) "
-        "| verify | masked_hint | zoom | iterative",
+        default="verify",
+        help="verify (the library's default) | masked (the paper's) | masked_hint | zoom | iterative",
     )
     parser.add_argument("--small-item", default=SMALL_ITEM, help="id of a small-object development item (part 2)")
     args = parser.parse_args()
