@@ -418,8 +418,6 @@ def sigmoid_loss(
 MAP_LAYER: int = DEMO_CLIP_RECOMMENDED["layer"]
 """The block whose map ``ClipAttributor`` reads for the demo CLIP by default (``DEMO_CLIP_RECOMMENDED``: the
 last block, ``combine="cls"``, so Psi_cls alone makes the mask): the block ``--map-weight`` trains."""
-MAP_KERNEL_SIZE = 3
-"""``ClipAttributor``'s default box filter, for the held-out pointing (the grid-level mask)."""
 
 
 def matching_slots(layouts: Layouts, atoms: torch.Tensor) -> torch.Tensor:
@@ -542,14 +540,13 @@ def map_loss(maps: torch.Tensor, coverage: torch.Tensor, temperature: float) -> 
 
 def pointing_hits(maps: torch.Tensor, coverage: torch.Tensor, grid: int) -> torch.Tensor:
     """``(Q,)`` boolean: the argmax of the attributor's grid-level mask (the raw maps ``(Q, grid * grid)``
-    min-max normalised, enhanced and box-filtered as ``DEMO_CLIP_RECOMMENDED`` says) falls on a patch that
-    shows one of the query's objects (``coverage`` ``(Q, P)`` > 0)."""
+    min-max normalised and enhanced as ``DEMO_CLIP_RECOMMENDED`` says, box-filtered by the merge's default
+    3 x 3) falls on a patch that shows one of the query's objects (``coverage`` ``(Q, P)`` > 0)."""
     mask = combine_maps_batched(
         maps.float().view(-1, grid, grid),
         None,
         combine=DEMO_CLIP_RECOMMENDED["combine"],
         enhance_coe=DEMO_CLIP_RECOMMENDED["enhance_coe"],
-        kernel_size=MAP_KERNEL_SIZE,
     )
     best = mask.flatten(1).argmax(dim=1)
     return coverage.gather(1, best[:, None])[:, 0] > 0

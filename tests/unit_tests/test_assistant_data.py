@@ -17,6 +17,7 @@ from agents.prompts import parse_final_answer
 from api_tool.demo.scenes import render_layouts, sample_layouts
 from api_tool.render import jet_colors
 from api_tool.tool import TOOL_NAME
+from tests.tiny_lvlms.demo_llava import CELLS, PATCH, SIDE, tiny_train_config
 from tests.tolerances import assert_sums_close
 from training.assistant_batches import IGNORE, episode_logits, greedy_generate, image_features, make_episode_batch
 from training.assistant_data import (
@@ -32,18 +33,12 @@ from training.assistant_data import (
     tool_schemas,
     with_render_window,
 )
-from training.train_llava import TrainConfig, build_model
-
-SIDE, PATCH = 64, 8
-CELLS = (SIDE // PATCH) ** 2
+from training.train_llava import build_model
 
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[torch.nn.Module, object, EpisodeRenderer]:
-    config = TrainConfig(
-        device="cpu", side=SIDE, patch=PATCH, hidden=64, layers=2, vision_hidden=32, vision_layers=2, vision_heads=2
-    )
-    model, processor = build_model(config)
+    model, processor = build_model(tiny_train_config())
     chat = ChatTransformersVLM(hf_model=model.eval(), processor=processor)
     return model, processor, EpisodeRenderer(chat, CELLS)
 

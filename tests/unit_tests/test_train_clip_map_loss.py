@@ -31,7 +31,6 @@ from api_tool.maps import combine_maps
 from tests.tolerances import assert_sums_close
 from training.train_clip import (
     ANY_OBJECT,
-    MAP_KERNEL_SIZE,
     MAP_LAYER,
     PatchMaps,
     TrainConfig,
@@ -208,7 +207,6 @@ def test_pointing_is_the_argmax_of_the_attributors_grid_mask_on_a_covered_patch(
             None,
             combine=DEMO_CLIP_RECOMMENDED["combine"],
             enhance_coe=DEMO_CLIP_RECOMMENDED["enhance_coe"],
-            kernel_size=MAP_KERNEL_SIZE,
         )
         assert bool(hits[q]) == bool(coverage[q, int(np.argmax(mask))] > 0)
 

@@ -17,6 +17,7 @@ from api_tool.backends.llava import LlavaAttributor
 from api_tool.demo.scenes import POPE_SPLITS, generate_scene, sample_layouts
 from api_tool.errors import InvalidParameterError
 from api_tool.geometry import Letterbox
+from tests.tiny_lvlms.demo_llava import CELLS, PATCH, SIDE, tiny_train_config
 from tests.tolerances import assert_sums_close
 from training.llava_questions import location_answer
 from training.train_llava import (
@@ -24,7 +25,6 @@ from training.train_llava import (
     TYPE_NAMES,
     AttentionInputs,
     PromptEncoder,
-    TrainConfig,
     answer_logits,
     build_model,
     check_encoding,
@@ -39,16 +39,10 @@ from training.train_llava import (
     step_maps,
 )
 
-SIDE, PATCH = 64, 8
-CELLS = (SIDE // PATCH) ** 2
-
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[torch.nn.Module, object, PromptEncoder]:
-    config = TrainConfig(
-        device="cpu", side=SIDE, patch=PATCH, hidden=64, layers=2, vision_hidden=32, vision_layers=2, vision_heads=2
-    )
-    model, processor = build_model(config)
+    model, processor = build_model(tiny_train_config())
     encoder = PromptEncoder(processor, CELLS)
     return model.eval(), processor, encoder
 
@@ -201,13 +195,12 @@ def test_init_continues_a_saved_model_and_refuses_other_sizes(
 ) -> None:
     model, processor, _ = tiny
     saved = save_demo_llava(model, processor, tmp_path / "saved", {"steps_run": 7}, attribution_layer=1)
-    sizes = {"device": "cpu", "side": SIDE, "patch": PATCH, "vision_hidden": 32, "vision_layers": 2, "vision_heads": 2}
-    fresh, fresh_processor = build_model(TrainConfig(**sizes, hidden=64, layers=2, seed=1))
+    fresh, fresh_processor = build_model(tiny_train_config(seed=1))
     record = load_initial_weights(fresh, fresh_processor, str(saved))
     assert record["steps_run"] == 7
     for name, value in model.state_dict().items():
         # The saved copy is float16: each weight is the float32 one rounded once.
         torch.testing.assert_close(fresh.state_dict()[name], value.half().float(), rtol=0, atol=0)
-    wider, wider_processor = build_model(TrainConfig(**sizes, hidden=96, layers=2))
+    wider, wider_processor = build_model(tiny_train_config(hidden=96))
     with pytest.raises(InvalidParameterError, match="does not match"):
         load_initial_weights(wider, wider_processor, str(saved))
